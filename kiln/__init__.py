@@ -1,0 +1,1 @@
+"""kiln: the library behind the pipeline stages (no Prefect imports here)."""

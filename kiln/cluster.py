@@ -1,0 +1,26 @@
+"""Connecting to Ray: a local instance by default, the cluster in RAY_ADDRESS when set."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+from kiln.errors import InputError
+
+
+def connect() -> None:
+    """Start (or join) Ray once per process; quiet, no dashboard for the local case."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def require_cpus(needed: float, what: str) -> None:
+    """Fail before scheduling anything if the cluster can never give `what` the CPUs it needs."""
+    available = ray.cluster_resources().get("CPU", 0)
+    if needed > available:
+        raise InputError(f"{what} needs {needed:g} CPUs but the Ray cluster has {available:g}")

@@ -1,0 +1,231 @@
+"""The params.yaml schema: every knob of the pipeline, validated before any compute starts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from ruamel.yaml import YAML
+
+from kiln.errors import InputError
+from kiln.io import atomic_path
+
+DATASETS = ("fashion_mnist", "digits", "cifar10")
+MODELS = ("lenet",)
+TUNABLE_TRAIN_KEYS = ("lr", "momentum", "weight_decay", "batch_size")
+
+
+class ParamsError(InputError):
+    """params.yaml (or an override) is invalid; the message names every offending key."""
+
+
+def local_cpu_limit() -> int | None:
+    """CPUs a local Ray gets, or None when RAY_ADDRESS points at a cluster we cannot size yet."""
+    return None if os.environ.get("RAY_ADDRESS") else os.cpu_count()
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PrepareParams(Strict):
+    dataset: Literal["fashion_mnist", "digits", "cifar10"]
+    data_dir: Path = Field(description="Raw files (ignored for digits, which ships with scikit-learn).")
+    val_fraction: float = Field(gt=0, lt=0.5)
+    test_fraction: float = Field(gt=0, lt=0.5, description="Used only when the dataset has no official test split.")
+    seed: int
+
+
+class TrainParams(Strict):
+    model: Literal["lenet"]
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    momentum: float = Field(ge=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    num_workers: int = Field(ge=1)
+    use_gpu: bool
+    use_tuned: bool = Field(description="Take the tuned keys from the tune stage's best config.")
+    seed: int
+
+    @field_validator("num_workers")
+    @classmethod
+    def _fits_local_cpus(cls, value: int) -> int:
+        cpus = local_cpu_limit()
+        if cpus is not None and value > cpus:
+            raise ValueError(f"{value} Ray workers need {value} CPUs but this machine has {cpus}; allowed: 1..{cpus}")
+        return value
+
+
+class SearchDimension(Strict):
+    type: Literal["choice", "uniform", "loguniform", "randint"]
+    values: list[float | int] | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchDimension:
+        if self.type == "choice":
+            if not self.values:
+                raise ValueError("'choice' needs a non-empty 'values' list")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError(f"'{self.type}' needs 'low' and 'high'")
+        if self.low >= self.high:
+            raise ValueError(f"'low' ({self.low}) must be below 'high' ({self.high})")
+        if self.type == "loguniform" and self.low <= 0:
+            raise ValueError(f"'loguniform' bounds must be > 0 (got low={self.low})")
+        return self
+
+
+class TuneParams(Strict):
+    num_samples: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    max_train_samples: int = Field(ge=1, description="Trials train on a stratified prefix of this many images.")
+    cpus_per_trial: int = Field(ge=1)
+    metric: Literal["val_accuracy", "val_loss"]
+    mode: Literal["max", "min"]
+    search_space: dict[str, SearchDimension] = Field(min_length=1)
+
+    @field_validator("search_space")
+    @classmethod
+    def _tunable_keys(cls, space: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
+        unknown = sorted(set(space) - set(TUNABLE_TRAIN_KEYS))
+        if unknown:
+            raise ValueError(f"cannot tune {unknown}; allowed keys: {', '.join(TUNABLE_TRAIN_KEYS)}")
+        return space
+
+    @field_validator("cpus_per_trial")
+    @classmethod
+    def _fits_local_cpus(cls, value: int) -> int:
+        cpus = local_cpu_limit()
+        if cpus is not None and value > cpus:
+            raise ValueError(f"a trial asking for {value} CPUs can never run on {cpus}; allowed: 1..{cpus}")
+        return value
+
+
+class CompressParams(Strict):
+    calibration_samples: int = Field(ge=1)
+    latency_batch_size: int = Field(ge=1)
+    latency_repeats: int = Field(ge=1)
+
+
+class EvaluateParams(Strict):
+    experiment: str = Field(min_length=1)
+    registered_model: str = Field(min_length=1)
+
+
+class Params(Strict):
+    prepare: PrepareParams
+    tune: TuneParams
+    train: TrainParams
+    compress: CompressParams
+    evaluate: EvaluateParams
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys the schema accepts at the mapping that holds `loc`'s last element."""
+    node: Any = Params
+    for part in loc[:-1]:
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            node = node.model_fields[part].annotation
+        elif get_origin(node) is dict:
+            node = get_args(node)[1]
+    return sorted(node.model_fields) if isinstance(node, type) and issubclass(node, BaseModel) else []
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    if error["type"] == "extra_forbidden":
+        return f"{key}: unknown key; allowed keys: {', '.join(_allowed_keys(error['loc']))}"
+    if error["type"] == "missing":
+        return f"{key}: missing; this key is required"
+    message = error["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {error['input']!r})"
+
+
+def validate_params(raw: Mapping[str, Any], source: str = "params.yaml") -> Params:
+    """Validate a params mapping, raising ParamsError that lists every bad key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        lines = "\n".join(f"  - {_describe(error)}" for error in exc.errors())
+        raise ParamsError(f"{source} is invalid:\n{lines}") from None
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a copy of `raw` with dotted-key overrides (e.g. {"train.lr": 0.1}) applied."""
+    merged = json.loads(json.dumps(raw))
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = merged
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ParamsError(f"override {dotted!r}: {part!r} is not a section of params.yaml")
+            node = node[part]
+        node[leaf] = value
+    return merged
+
+
+def read_raw_params(path: Path | str = "params.yaml") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: file not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of stage sections, got {type(raw).__name__}")
+    return raw
+
+
+def load_params(path: Path | str = "params.yaml", overrides: Mapping[str, Any] | None = None) -> Params:
+    """Read, override and validate params.yaml."""
+    raw = apply_overrides(read_raw_params(path), overrides or {})
+    return validate_params(raw, source=str(path))
+
+
+def params_hash(params: Params) -> str:
+    """A stable sha256 of the validated params, for lineage tags."""
+    canonical = json.dumps(params.model_dump(mode="json"), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def write_overrides(path: Path | str, overrides: Mapping[str, Any]) -> Params:
+    """Validate overrides, then write them into params.yaml keeping its comments (like `dvc exp run -S`)."""
+    params = load_params(path, overrides)
+    if not overrides:
+        return params
+    round_trip = YAML()
+    document = round_trip.load(Path(path).read_text())
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = document
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    with atomic_path(path) as tmp, open(tmp, "w") as handle:
+        round_trip.dump(document, handle)
+    return params
+
+
+def main_validate(path: str = "params.yaml") -> None:
+    """CLI: validate params.yaml and print a one-line summary."""
+    params = load_params(path)
+    print(f"{path} is valid: dataset={params.prepare.dataset} model={params.train.model}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        main_validate(*sys.argv[1:2])
+    except ParamsError as exc:
+        sys.exit(str(exc))

@@ -1,0 +1,60 @@
+"""The prepared-data format every stage reads: one `.npz` per split plus `manifest.json`.
+
+Images are uint8 arrays shaped (N, C, H, W); labels are int64 class indices. Models take
+float32 pixels in [0, 1] (see `to_float`) and normalise inside themselves.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kiln.io import read_json
+
+SPLITS = ("train", "val", "test")
+MANIFEST = "manifest.json"
+
+
+def split_file(prepared_dir: Path | str, split: str) -> Path:
+    return Path(prepared_dir) / f"{split}.npz"
+
+
+def save_split(path: Path | str, images: np.ndarray, labels: np.ndarray) -> None:
+    """Write one split (no compression: loading speed beats the few MB saved)."""
+    with open(path, "wb") as handle:
+        np.savez(handle, x=images.astype(np.uint8), y=labels.astype(np.int64))
+
+
+def load_split(prepared_dir: Path | str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Load `split` as (uint8 images NCHW, int64 labels)."""
+    path = split_file(prepared_dir, split)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: prepared split missing; run the prepare stage (dvc repro prepare)")
+    with np.load(path) as arrays:
+        return arrays["x"], arrays["y"]
+
+
+def read_manifest(prepared_dir: Path | str) -> dict[str, Any]:
+    """Counts, classes, image shape, normalisation statistics and file hashes of the prepared data."""
+    path = Path(prepared_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: manifest missing; run the prepare stage (dvc repro prepare)")
+    return read_json(path)
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels -> float32 in [0, 1], the input every kiln model expects."""
+    return images.astype(np.float32) / 255.0
+
+
+def stratified_head(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Indices of a class-balanced random subset of `count` items (all of them if fewer)."""
+    if count >= len(labels):
+        return np.arange(len(labels))
+    rng = np.random.default_rng(seed)
+    classes = np.unique(labels)
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
+    take = np.concatenate([idx[: max(1, round(count * len(idx) / len(labels)))] for idx in per_class])
+    return np.sort(rng.permutation(take)[:count])

@@ -1,0 +1,49 @@
+"""Figures people look at: learning curves and confusion matrices (PNG, headless)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from kiln.io import atomic_path  # noqa: E402
+
+
+def save_learning_curves(history: Sequence[dict], path: Path) -> None:
+    """Loss and accuracy per epoch, train vs validation."""
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(10, 4))
+    for split in ("train", "val"):
+        loss_axis.plot(epochs, [row[f"{split}_loss"] for row in history], marker="o", label=split)
+        accuracy_axis.plot(epochs, [row[f"{split}_accuracy"] for row in history], marker="o", label=split)
+    for axis, title in ((loss_axis, "loss"), (accuracy_axis, "accuracy")):
+        axis.set(title=title, xlabel="epoch")
+        axis.legend()
+        axis.grid(alpha=0.3)
+    _save(figure, path)
+
+
+def save_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+    """Row-normalised confusion matrix with counts in each cell."""
+    rates = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+    figure, axis = plt.subplots(figsize=(1.0 + 0.7 * len(classes), 0.8 + 0.6 * len(classes)))
+    axis.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    axis.set(xticks=range(len(classes)), yticks=range(len(classes)), xlabel="predicted", ylabel="true", title=title)
+    axis.set_xticklabels(classes, rotation=45, ha="right")
+    axis.set_yticklabels(classes)
+    for (row, col), count in np.ndenumerate(matrix):
+        axis.text(col, row, str(count), ha="center", va="center", fontsize=7,
+                  color="white" if rates[row, col] > 0.5 else "black")
+    _save(figure, path)
+
+
+def _save(figure: plt.Figure, path: Path) -> None:
+    figure.tight_layout()
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=110)
+    plt.close(figure)

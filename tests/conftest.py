@@ -1,0 +1,98 @@
+"""Shared fixtures: one real Ray cluster per session, and a temp git + DVC copy of the repo on tiny params."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+# Shrunken params: scikit-learn's digits, a few epochs, two tiny trials.
+TINY_PARAMS = {
+    "prepare": {"dataset": "digits", "data_dir": "unused", "val_fraction": 0.15, "test_fraction": 0.2, "seed": 0},
+    "tune": {
+        "num_samples": 2, "epochs": 2, "max_train_samples": 400, "cpus_per_trial": 1,
+        "metric": "val_accuracy", "mode": "max",
+        "search_space": {"lr": {"type": "loguniform", "low": 0.02, "high": 0.1}},
+    },
+    "train": {
+        "model": "lenet", "epochs": 6, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0001,
+        "num_workers": 2, "use_gpu": False, "use_tuned": True, "seed": 0,
+    },
+    "compress": {"calibration_samples": 128, "latency_batch_size": 32, "latency_repeats": 5},
+    "evaluate": {"experiment": "kiln", "registered_model": "kiln"},
+}
+
+
+GENERATED = ("dvc.lock", "reports/", "data/", "models/")  # a clone starts without pipeline outputs
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run(command: list[str], cwd: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command with the venv's tools first on PATH; on failure show its output."""
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{command} exited {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """A real Ray head with 2 CPUs on loopback, shared by in-process tests and every stage subprocess.
+
+    Ray enables token authentication by default; the session gets its own token through the environment,
+    which every client (this process, `dvc repro`, Prefect workers) inherits.
+    """
+    port = free_port()
+    session_env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token",
+                   "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    saved = {key: os.environ.get(key) for key in session_env}
+    os.environ.update(session_env)
+    run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats"], cwd=REPO)
+    yield session_env["RAY_ADDRESS"]
+    import ray
+
+    ray.shutdown()
+    run([str(BIN / "ray"), "stop", "--force"], cwd=REPO, check=False)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key)
+        else:
+            os.environ[key] = value
+
+
+def copy_repo(target: Path, params: dict) -> Path:
+    """A fresh git repository holding the project's tracked files and `params`, as a user's clone would."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for name in files:
+        if (REPO / name).is_file() and not name.startswith(GENERATED):
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, target / name)
+    (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "add", "-A"],
+                    ["git", "-c", "user.email=ci@kiln", "-c", "user.name=ci", "commit", "-qm", "copy"]):
+        subprocess.run(command, cwd=target, check=True)
+    return target
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> Path:
+    return copy_repo(tmp_path_factory.mktemp("repo"), TINY_PARAMS)

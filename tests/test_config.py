@@ -1,0 +1,92 @@
+"""params.yaml validation: each bad input is a fast, clear error naming the key and what is allowed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kiln.config import ParamsError, apply_overrides, load_params, validate_params, write_overrides
+from tests.conftest import REPO, TINY_PARAMS
+
+STOCK = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+@pytest.fixture(autouse=True)
+def local_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CPU limits are checked against this machine when no Ray cluster is named."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+
+def error_for(overrides: dict) -> str:
+    with pytest.raises(ParamsError) as caught:
+        validate_params(apply_overrides(STOCK, overrides))
+    return str(caught.value)
+
+
+def test_stock_and_tiny_params_are_valid() -> None:
+    assert load_params(REPO / "params.yaml").prepare.dataset == "fashion_mnist"
+    assert validate_params(TINY_PARAMS).train.model == "lenet"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"train.lr": -0.1}, "train.lr: Input should be greater than 0"),
+        ({"train.lr": 0}, "train.lr: Input should be greater than 0"),
+        ({"prepare.dataset": "mnist"}, "prepare.dataset: Input should be 'fashion_mnist', 'digits' or 'cifar10'"),
+        ({"train.model": "vgg"}, "train.model: Input should be 'lenet'"),
+        ({"train.num_workers": 64}, "train.num_workers: 64 Ray workers need 64 CPUs"),
+        ({"tune.cpus_per_trial": 64}, "tune.cpus_per_trial: a trial asking for 64 CPUs"),
+        ({"train.epochs": "many"}, "train.epochs: Input should be a valid integer"),
+        ({"train.use_gpu": "sometimes"}, "train.use_gpu: Input should be a valid boolean"),
+        ({"train.optimiser": "adam"}, "train.optimiser: unknown key; allowed keys: batch_size, epochs"),
+        ({"tune.search_space.lr.low": 1.0}, "tune.search_space.lr: 'low' (1.0) must be below 'high'"),
+        ({"tune.search_space.lr.low": 0.0}, "must be > 0"),
+        ({"tune.search_space": {}}, "tune.search_space: Dictionary should have at least 1 item"),
+        ({"tune.search_space.dropout": {"type": "uniform", "low": 0, "high": 1}}, "allowed keys: lr, momentum"),
+        ({"tune.num_samples": 0}, "tune.num_samples: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_values_name_the_key(overrides: dict, expected: str) -> None:
+    assert expected in error_for(overrides)
+
+
+def test_missing_key_is_named() -> None:
+    raw = apply_overrides(STOCK, {})
+    del raw["train"]["epochs"]
+    with pytest.raises(ParamsError, match="train.epochs: missing"):
+        validate_params(raw)
+
+
+def test_override_of_unknown_section_is_named() -> None:
+    with pytest.raises(ParamsError, match="'trian' is not a section"):
+        apply_overrides(STOCK, {"trian.lr": 0.1})
+
+
+def test_write_overrides_keeps_comments_and_refuses_bad_values(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    write_overrides(path, {"train.epochs": 3})
+    assert load_params(path).train.epochs == 3
+    assert "# Every knob of the pipeline" in path.read_text()
+    before = path.read_text()
+    with pytest.raises(ParamsError, match="train.lr"):
+        write_overrides(path, {"train.lr": -1})
+    assert path.read_text() == before
+
+
+def test_stage_cli_rejects_bad_params_fast(tmp_path: Path) -> None:
+    bad = apply_overrides(STOCK, {"train.lr": -1})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "tasks", "train", "--params", str(tmp_path / "params.yaml")],
+                            cwd=REPO, capture_output=True, text=True)
+    assert time.monotonic() - started < 5
+    assert result.returncode == 1
+    assert "train.lr: Input should be greater than 0" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,72 @@
+"""`prefect deployment run 'kiln/local'` against a real local Prefect server and process worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BIN, TINY_PARAMS, copy_repo, free_port, run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_env(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> Iterator[dict[str, str]]:
+    """A `prefect server start` on 127.0.0.1 with its own home; yields the environment that talks to it."""
+    port = free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
+           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
+            break
+        except OSError:
+            if time.monotonic() > deadline or server.poll() is not None:
+                server.kill()
+                pytest.fail("prefect server did not become healthy within 120 s")
+            time.sleep(1)
+    yield env
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], tmp_path: Path,
+                                                  ray_address: str) -> None:
+    repo = copy_repo(tmp_path, TINY_PARAMS)
+    env = {**prefect_env, "PWD": str(repo)}
+
+    def prefect(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(BIN / "prefect"), *args], cwd=repo, env=env, capture_output=True, text=True,
+                                timeout=timeout)
+        assert result.returncode == 0, f"prefect {args} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+        return result
+
+    prefect("work-pool", "create", "local", "--type", "process")
+    prefect("--no-prompt", "deploy", "--name", "local")
+    worker_log = tmp_path / "worker.log"
+    with open(worker_log, "w") as log:
+        worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "local"], cwd=repo, env=env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    try:
+        overrides = json.dumps({"train.epochs": 3})
+        watched = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "kiln/local", "--param", f"overrides={overrides}", "--watch",
+             "--watch-timeout", "800"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        worker.terminate()
+        worker.wait(timeout=60)
+    assert "Completed" in watched.stdout, worker_log.read_text()[-8000:]
+    assert (repo / "models/model_int8.onnx").is_file()
+    assert json.loads((repo / "reports/train/metrics.json").read_text())["val_accuracy"] > 0.5
+    assert "up to date" in run(["dvc", "status"], cwd=repo).stdout

@@ -1,0 +1,116 @@
+"""End to end on the real tools: `dvc repro`, its no-op re-run, MLflow runs and registry, the Prefect flow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from tests.conftest import TINY_PARAMS, run
+
+pytestmark = pytest.mark.slow
+STAGES = ["prepare", "tune", "train", "compress", "evaluate"]
+TINY_EPOCHS = TINY_PARAMS["train"]["epochs"]
+
+
+def client_for(repo: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+
+
+def metrics(repo: Path, stage: str) -> dict:
+    return json.loads((repo / "reports" / stage / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def reproduced(tiny_repo: Path) -> Path:
+    """The whole DAG through `dvc repro`, once for this module."""
+    result = run(["dvc", "repro"], cwd=tiny_repo, timeout=900)
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in result.stdout
+    return tiny_repo
+
+
+def test_every_stage_writes_its_outputs(reproduced: Path) -> None:
+    manifest = json.loads((reproduced / "data/prepared/manifest.json").read_text())
+    assert manifest["dataset"] == "digits"
+    assert sum(split["count"] for split in manifest["splits"].values()) == 1797
+    best = json.loads((reproduced / "models/best_config.json").read_text())
+    assert 0.02 <= best["hyperparameters"]["lr"] <= 0.1
+    history = (reproduced / "reports/train/history.csv").read_text().splitlines()
+    assert len(history) == 1 + TINY_EPOCHS
+    assert metrics(reproduced, "train")["val_accuracy"] > 0.8
+    for name in ("model.pt", "model_fp32.onnx", "model_int8.onnx"):
+        assert (reproduced / "models" / name).stat().st_size > 0
+    compress = metrics(reproduced, "compress")
+    assert compress["int8_size_ratio"] > 1
+    evaluate = metrics(reproduced, "evaluate")
+    assert evaluate["test_accuracy"] > 0.8
+    assert abs(evaluate["test_accuracy"] - evaluate["fp32_test_accuracy"]) < 0.03
+    assert (reproduced / "reports/evaluate/confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def run_count(repo: Path) -> int:
+    client = client_for(repo)
+    return len(client.search_runs([client.get_experiment_by_name("kiln").experiment_id], max_results=1000))
+
+
+def test_second_repro_runs_nothing(reproduced: Path) -> None:
+    runs_before = run_count(reproduced)
+    result = run(["dvc", "repro"], cwd=reproduced)
+    assert "Running stage" not in result.stdout
+    for stage in STAGES:
+        assert f"'{stage}' didn't change, skipping" in result.stdout
+    assert "up to date" in run(["dvc", "status"], cwd=reproduced).stdout
+    assert run_count(reproduced) == runs_before
+
+
+def test_mlflow_records_every_stage(reproduced: Path) -> None:
+    client = client_for(reproduced)
+    experiment = client.get_experiment_by_name("kiln")
+    runs = client.search_runs([experiment.experiment_id], max_results=100)
+    assert all(r.info.status == "FINISHED" for r in runs), [(r.info.run_name, r.info.status) for r in runs]
+    by_stage: dict[str, list] = {}
+    for r in runs:
+        by_stage.setdefault(r.data.tags["kiln.stage"], []).append(r)
+    parent = by_stage["tune"][0]
+    children = by_stage["tune-trial"]
+    assert len(children) == TINY_PARAMS["tune"]["num_samples"]
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {parent.info.run_id}
+    train = by_stage["train"][0]
+    curve = client.get_metric_history(train.info.run_id, "val_accuracy")
+    assert [m.step for m in curve] == list(range(1, TINY_EPOCHS + 1))
+    for r in runs:
+        if r.data.tags["kiln.stage"] != "tune-trial":
+            assert r.data.tags["kiln.git_commit"] not in ("", "unknown")
+            assert r.data.tags["kiln.data_hash"]
+            assert len(r.data.tags["kiln.params_hash"]) == 64
+
+
+def test_first_version_is_champion_and_challenger(reproduced: Path) -> None:
+    client = client_for(reproduced)
+    champion = client.get_model_version_by_alias("kiln", "champion")
+    challenger = client.get_model_version_by_alias("kiln", "challenger")
+    assert str(champion.version) == str(challenger.version) == "1"
+    train_run = client.search_runs([client.get_experiment_by_name("kiln").experiment_id],
+                                   "tags.`kiln.stage` = 'train'")[0]
+    assert champion.tags["kiln.train_run_id"] == train_run.info.run_id
+    assert {"kiln.git_commit", "kiln.data_hash", "kiln.params_hash", "kiln.tune_run_id"} <= set(champion.tags)
+
+
+def test_prefect_flow_reruns_only_what_an_override_touches(reproduced: Path) -> None:
+    result = run(["python", "-m", "flows.pipeline", "--set", f"train.epochs={TINY_EPOCHS + 1}"], cwd=reproduced)
+    statuses = json.loads(result.stdout.strip().splitlines()[-1])["stages"]
+    assert statuses == {"prepare": "skipped", "tune": "skipped", "train": "ran", "compress": "ran",
+                        "evaluate": "ran"}
+    assert yaml.safe_load((reproduced / "params.yaml").read_text())["train"]["epochs"] == TINY_EPOCHS + 1
+    client = client_for(reproduced)
+    assert str(client.get_model_version_by_alias("kiln", "challenger").version) == "2"
+    v1, v2 = (client.get_run(client.get_model_version("kiln", v).run_id).data.metrics["test_accuracy"]
+              for v in ("1", "2"))
+    expected_champion = "2" if v2 > v1 else "1"
+    assert str(client.get_model_version_by_alias("kiln", "champion").version) == expected_champion
+    assert "didn't change" in run(["dvc", "repro"], cwd=reproduced).stdout
+
