@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import itertools
 import json
 import subprocess
 import sys
@@ -11,9 +13,12 @@ from typing import Annotated, Any
 import typer
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from kiln.config import ParamsError, write_overrides
+
+TRIALS = Path("reports/tune/trials.csv")
+TOP_TRIALS = 5
 
 
 def dag_stages(dvc_file: Path = Path("dvc.yaml")) -> list[str]:
@@ -47,12 +52,20 @@ def run_report(statuses: dict[str, str]) -> str:
     return "\n".join(rows)
 
 
+def top_trials(count: int = TOP_TRIALS) -> list[dict[str, Any]]:
+    """The tune stage's best trials (its trials.csv is sorted best first)."""
+    with open(TRIALS, newline="") as handle:
+        return list(itertools.islice(csv.DictReader(handle), count))
+
+
 @flow(name="kiln", log_prints=True)
 def pipeline(overrides: dict[str, Any] | None = None) -> dict[str, str]:
     """Apply `overrides` (dotted params.yaml keys, validated first) and bring every stage up to date."""
     write_overrides("params.yaml", overrides or {})
     statuses = {stage: run_stage(stage) for stage in dag_stages()}
     create_markdown_artifact(run_report(statuses), key="kiln-run-report", description="kiln pipeline run")
+    if TRIALS.is_file():
+        create_table_artifact(top_trials(), key="kiln-top-trials", description=f"best {TOP_TRIALS} tune trials")
     return statuses
 
 

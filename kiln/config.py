@@ -64,31 +64,42 @@ class TrainParams(Strict):
 
 
 class SearchDimension(Strict):
-    type: Literal["choice", "uniform", "loguniform", "randint"]
+    """One hyperparameter's domain. `grid` is for `tune.search: grid`; the `q` forms round to multiples of `q`."""
+
+    type: Literal["choice", "grid", "uniform", "quniform", "loguniform", "qloguniform", "randint", "qrandint"]
     values: list[float | int] | None = None
     low: float | None = None
     high: float | None = None
+    q: float | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchDimension:
-        if self.type == "choice":
+        if self.type in ("choice", "grid"):
             if not self.values:
-                raise ValueError("'choice' needs a non-empty 'values' list")
+                raise ValueError(f"'{self.type}' needs a non-empty 'values' list")
             return self
         if self.low is None or self.high is None:
             raise ValueError(f"'{self.type}' needs 'low' and 'high'")
         if self.low >= self.high:
             raise ValueError(f"'low' ({self.low}) must be below 'high' ({self.high})")
-        if self.type == "loguniform" and self.low <= 0:
-            raise ValueError(f"'loguniform' bounds must be > 0 (got low={self.low})")
+        if "loguniform" in self.type and self.low <= 0:
+            raise ValueError(f"'{self.type}' bounds must be > 0 (got low={self.low})")
+        if self.type.startswith("q") and self.q is None:
+            raise ValueError(f"'{self.type}' needs 'q', the step to round to")
         return self
 
 
 class TuneParams(Strict):
-    num_samples: int = Field(ge=1)
-    epochs: int = Field(ge=1)
-    max_train_samples: int = Field(ge=1, description="Trials train on a stratified prefix of this many images.")
-    cpus_per_trial: int = Field(ge=1)
+    search: Literal["grid", "random", "tpe"]
+    scheduler: Literal["fifo", "asha", "pbt"]
+    num_samples: int = Field(ge=1, description="Trials to sample (grid: repeats of the whole grid).")
+    epochs: int = Field(ge=1, description="Most epochs a trial trains (ASHA's max_t).")
+    grace_period: int = Field(ge=1, description="ASHA: epochs a trial runs before it can be stopped.")
+    reduction_factor: float = Field(gt=1, description="ASHA: keep the top 1/reduction_factor at each rung.")
+    perturbation_interval: int = Field(ge=1, description="PBT: epochs between exploit/explore steps.")
+    max_train_samples: int = Field(ge=1, description="Trials train on a stratified subset of this many images.")
+    cpus_per_trial: int = Field(ge=1, description="CPUs of each trial process, or of each worker of a trial.")
+    workers_per_trial: int = Field(ge=1, description="1: a plain process; more: a Ray Train TorchTrainer per trial.")
     metric: Literal["val_accuracy", "val_loss"]
     mode: Literal["max", "min"]
     search_space: dict[str, SearchDimension] = Field(min_length=1)
@@ -109,6 +120,33 @@ class TuneParams(Strict):
             raise ValueError(f"a trial asking for {value} CPUs can never run on {cpus}; allowed: 1..{cpus}")
         return value
 
+    @model_validator(mode="after")
+    def _coherent(self) -> TuneParams:
+        grid = sorted(key for key, dim in self.search_space.items() if dim.type == "grid")
+        if self.search == "grid" and len(grid) < len(self.search_space):
+            others = sorted(set(self.search_space) - set(grid))
+            raise ValueError(f"search: grid needs every search_space dimension of type 'grid'; not: {others}")
+        if self.search != "grid" and grid:
+            raise ValueError(f"'grid' dimensions {grid} need search: grid; use 'choice' for {self.search} search")
+        if self.scheduler == "pbt" and self.search == "tpe":
+            raise ValueError("scheduler: pbt explores by itself; use search: random or grid with it")
+        if self.scheduler == "pbt" and self.workers_per_trial > 1:
+            raise ValueError("scheduler: pbt clones single-process trials; set workers_per_trial: 1")
+        log_steps = sorted(key for key, dim in self.search_space.items() if dim.type == "qloguniform")
+        if self.search == "tpe" and log_steps:
+            raise ValueError(f"tpe (Optuna) cannot quantise a log scale: {log_steps}; use loguniform or quniform")
+        expected = {"val_accuracy": "max", "val_loss": "min"}[self.metric]
+        if self.mode != expected:
+            raise ValueError(f"metric {self.metric} is optimised with mode: {expected}, not {self.mode}")
+        if self.grace_period > self.epochs:
+            raise ValueError(f"grace_period ({self.grace_period}) exceeds epochs ({self.epochs})")
+        cpus = local_cpu_limit()
+        needed = self.cpus_per_trial * self.workers_per_trial
+        if cpus is not None and needed > cpus:
+            raise ValueError(f"a trial asking for {needed} CPUs (cpus_per_trial x workers_per_trial) can never run "
+                             f"on {cpus}; allowed: cpus_per_trial x workers_per_trial <= {cpus}")
+        return self
+
 
 class CompressParams(Strict):
     calibration_samples: int = Field(ge=1)
@@ -119,6 +157,9 @@ class CompressParams(Strict):
 class EvaluateParams(Strict):
     experiment: str = Field(min_length=1)
     registered_model: str = Field(min_length=1)
+    gate_metric: Literal["test_accuracy", "test_macro_f1"]
+    gate_margin: float = Field(ge=0, lt=1, description="Required improvement over the champion, in metric units.")
+    gate_alpha: float = Field(gt=0, lt=1, description="Significance level of McNemar's test on paired predictions.")
 
 
 class Params(Strict):
@@ -147,7 +188,7 @@ def _describe(error: Mapping[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{key}: missing; this key is required"
     message = error["msg"].removeprefix("Value error, ")
-    return f"{key}: {message} (got {error['input']!r})"
+    return f"{key}: {message}" if isinstance(error["input"], Mapping) else f"{key}: {message} (got {error['input']!r})"
 
 
 def validate_params(raw: Mapping[str, Any], source: str = "params.yaml") -> Params:

@@ -34,7 +34,7 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker; rank 0 alone prints, logs to MLflow and writes checkpoints."""
+    """Runs on every Ray Train worker; rank 0 alone prints, logs to MLflow (given a run id) and writes checkpoints."""
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     seed_everything(config["seed"])
@@ -48,7 +48,7 @@ def train_worker(config: dict[str, Any]) -> None:
     train_loader = ray.train.torch.prepare_data_loader(
         make_loader(data["x_train"], data["y_train"], per_worker_batch, True, config["seed"]))
     val_loader = ray.train.torch.prepare_data_loader(make_loader(data["x_val"], data["y_val"], 512, False, 0))
-    client = MlflowClient(config["tracking_uri"]) if rank == 0 else None
+    client = MlflowClient(config["tracking_uri"]) if rank == 0 and config.get("mlflow_run_id") else None
     epochs = config["epochs"]
     for epoch in range(start_epoch, epochs + 1):
         if world > 1:
@@ -67,14 +67,15 @@ def train_worker(config: dict[str, Any]) -> None:
                 print(f"train: epoch {epoch}/{epochs} loss {fit.loss:.4f} acc {fit.accuracy:.4f} "
                       f"val_loss {val.loss:.4f} val_acc {val.accuracy:.4f} "
                       f"{metrics['images_per_second']:.0f} img/s ETA {eta:.0f}s", flush=True)
-                now = int(time.time() * 1000)
-                client.log_batch(config["mlflow_run_id"], metrics=[
-                    Metric(key, float(value), now, epoch) for key, value in metrics.items() if key != "epoch"])
+                if client:  # inside a tune trial, Tune's MLflow callback logs the reported metrics instead
+                    now = int(time.time() * 1000)
+                    client.log_batch(config["mlflow_run_id"], metrics=[
+                        Metric(key, float(value), now, epoch) for key, value in metrics.items() if key != "epoch"])
                 module = model.module if hasattr(model, "module") else model
                 torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                             "history": history, "rng": torch.get_rng_state()}, Path(folder) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            ray.train.report({**metrics, "node_id": ray.get_runtime_context().get_node_id()}, checkpoint=checkpoint)
 
 
 def fit(config: dict[str, Any], num_workers: int, use_gpu: bool, storage_path: Path, name: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from kiln.io import atomic_path  # noqa: E402
 
@@ -39,6 +40,28 @@ def save_confusion_matrix(matrix: np.ndarray, classes: Sequence[str], path: Path
     for (row, col), count in np.ndenumerate(matrix):
         axis.text(col, row, str(count), ha="center", va="center", fontsize=7,
                   color="white" if rates[row, col] > 0.5 else "black")
+    _save(figure, path)
+
+
+def save_hyperparameter_scatter(trials: pd.DataFrame, keys: Sequence[str], metric: str, log_scale: set[str],
+                                path: Path) -> None:
+    """One panel per tuned hyperparameter: its value against the trial's final `metric`, coloured by trial state."""
+    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), squeeze=False)
+    for axis, key in zip(axes[0], keys, strict=True):
+        for state, rows in trials.groupby("state"):
+            axis.scatter(rows[key], rows[metric], label=state, alpha=0.8)
+        axis.set(xlabel=key, ylabel=metric, xscale="log" if key in log_scale else "linear")
+        axis.grid(alpha=0.3)
+    axes[0][0].legend()
+    _save(figure, path)
+
+
+def save_best_so_far(curve: pd.DataFrame, metric: str, path: Path) -> None:
+    """Best `metric` found so far against the trial-epochs spent to find it."""
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.step(curve["trial_epochs"], curve[f"best_{metric}"], where="post")
+    axis.set(xlabel="trial-epochs spent", ylabel=f"best {metric} so far", title="search progress")
+    axis.grid(alpha=0.3)
     _save(figure, path)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -26,11 +27,13 @@ def main(
     """Run one pipeline stage with the paths dvc.yaml declares."""
     if stage not in STAGES:
         sys.exit(f"unknown stage {stage!r}; allowed: {', '.join(STAGES)}")
+    started = time.perf_counter()
     try:
         params = load_params(params_path)
         importlib.import_module(f"tasks.{stage}").run(params)
     except (InputError, FileNotFoundError) as exc:
         sys.exit(f"{stage}: {exc}")
+    print(f"{stage}: done in {time.perf_counter() - started:.0f} s")
 
 
 if __name__ == "__main__":

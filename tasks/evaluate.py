@@ -8,7 +8,6 @@ from pathlib import Path
 import mlflow
 import onnx
 import torch
-from kiln.onnx_tools import predict_onnx
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
@@ -17,8 +16,9 @@ from kiln.data import load_split, read_manifest, to_float
 from kiln.io import atomic_path, write_json
 from kiln.metrics import classification_metrics, confusion
 from kiln.models import load_trained_model
+from kiln.onnx_tools import predict_onnx
 from kiln.plots import save_confusion_matrix
-from kiln.registry import Decision, promote
+from kiln.registry import PREDICTIONS, Decision, Gate, predictions_record, promote
 from kiln.tracking import lineage_tags, use_experiment
 
 
@@ -56,17 +56,21 @@ def run(
     with mlflow.start_run(run_name="evaluate", tags={"kiln.stage": "evaluate", **lineage}):
         mlflow.log_metrics(metrics)
         mlflow.log_artifact(str(plot))
+        mlflow.log_dict(predictions_record(x_test, y_test, predicted), PREDICTIONS)
         info = mlflow.onnx.log_model(
-            onnx.load(str(onnx_path)), name="model", input_example=example,
+            onnx.load(str(onnx_path)), name="model", input_example=example, metadata={"classes": classes},
             signature=infer_signature(example, predict_onnx(onnx_path, example)),
         )
         version = mlflow.register_model(info.model_uri, params.evaluate.registered_model, tags=lineage)
-        decision = promote(MlflowClient(), params.evaluate.registered_model, version.version, "test_accuracy",
-                           metrics["test_accuracy"])
+        gate = Gate(params.evaluate.gate_metric, params.evaluate.gate_margin, params.evaluate.gate_alpha)
+        decision = promote(MlflowClient(), params.evaluate.registered_model, version.version, gate)
         mlflow.log_dict(decision.as_dict(), "promotion.json")
-        mlflow.set_tag("kiln.promoted", str(decision.promoted).lower())
+        mlflow.set_tags({"kiln.promoted": str(decision.promoted).lower(), "kiln.promotion_reason": decision.reason})
+        mlflow.log_metrics({f"gate_{key}": getattr(decision, key) for key in ("delta", "b", "c", "p_value")
+                            if getattr(decision, key) is not None})
     write_json(report_dir / "metrics.json", metrics)
     verdict = "promoted to champion" if decision.promoted else f"champion stays v{decision.champion_version}"
+    verdict += f": {decision.reason}"
     print(f"evaluate: test_accuracy={metrics['test_accuracy']:.4f} macro_f1={metrics['test_macro_f1']:.4f}; "
           f"registered {params.evaluate.registered_model} v{decision.version} as challenger, {verdict}")
     return metrics, decision

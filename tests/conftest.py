@@ -21,8 +21,9 @@ BIN = Path(sys.executable).parent
 TINY_PARAMS = {
     "prepare": {"dataset": "digits", "data_dir": "unused", "val_fraction": 0.15, "test_fraction": 0.2, "seed": 0},
     "tune": {
-        "num_samples": 2, "epochs": 2, "max_train_samples": 400, "cpus_per_trial": 1,
-        "metric": "val_accuracy", "mode": "max",
+        "search": "random", "scheduler": "fifo", "num_samples": 2, "epochs": 2, "grace_period": 1,
+        "reduction_factor": 2, "perturbation_interval": 1, "max_train_samples": 400, "cpus_per_trial": 1,
+        "workers_per_trial": 1, "metric": "val_accuracy", "mode": "max",
         "search_space": {"lr": {"type": "loguniform", "low": 0.02, "high": 0.1}},
     },
     "train": {
@@ -30,7 +31,10 @@ TINY_PARAMS = {
         "num_workers": 2, "use_gpu": False, "use_tuned": True, "seed": 0,
     },
     "compress": {"calibration_samples": 128, "latency_batch_size": 32, "latency_repeats": 5},
-    "evaluate": {"experiment": "kiln", "registered_model": "kiln"},
+    "evaluate": {
+        "experiment": "kiln", "registered_model": "kiln",
+        "gate_metric": "test_accuracy", "gate_margin": 0.0, "gate_alpha": 0.05,
+    },
 }
 
 
@@ -52,30 +56,33 @@ def run(command: list[str], cwd: Path, timeout: int = 600, check: bool = True) -
     return result
 
 
+# Ray enables token authentication by default and reads the token when it is first imported, so the session's
+# token goes into the environment here, before any test module imports ray; every client (this process,
+# `dvc repro`, Prefect workers) inherits it.
+os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)})
+
+
 @pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
-    """A real Ray head with 2 CPUs on loopback, shared by in-process tests and every stage subprocess.
-
-    Ray enables token authentication by default; the session gets its own token through the environment,
-    which every client (this process, `dvc repro`, Prefect workers) inherits.
-    """
+    """A real two-node Ray cluster on loopback (a head and one more node, 1 CPU each), shared by in-process tests
+    and every stage subprocess, so multi-worker training and parallel trials really cross nodes."""
     port = free_port()
-    session_env = {"RAY_ADDRESS": f"127.0.0.1:{port}", "RAY_AUTH_MODE": "token",
-                   "RAY_AUTH_TOKEN": secrets.token_hex(32)}
-    saved = {key: os.environ.get(key) for key in session_env}
-    os.environ.update(session_env)
-    run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=2",
+    address = f"127.0.0.1:{port}"
+    saved = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = address
+    run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
          "--include-dashboard=false", "--disable-usage-stats"], cwd=REPO)
-    yield session_env["RAY_ADDRESS"]
+    run([str(BIN / "ray"), "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+         "--disable-usage-stats"], cwd=REPO)
+    yield address
     import ray
 
     ray.shutdown()
     run([str(BIN / "ray"), "stop", "--force"], cwd=REPO, check=False)
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key)
-        else:
-            os.environ[key] = value
+    if saved is None:
+        os.environ.pop("RAY_ADDRESS")
+    else:
+        os.environ["RAY_ADDRESS"] = saved
 
 
 def copy_repo(target: Path, params: dict) -> Path:

@@ -70,3 +70,6 @@ def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], t
     assert (repo / "models/model_int8.onnx").is_file()
     assert json.loads((repo / "reports/train/metrics.json").read_text())["val_accuracy"] > 0.5
     assert "up to date" in run(["dvc", "status"], cwd=repo).stdout
+    top = json.loads(prefect("artifact", "inspect", "kiln-top-trials", "--output", "json").stdout)[0]
+    rows = json.loads(top["data"])
+    assert len(rows) == TINY_PARAMS["tune"]["num_samples"] and {"lr", "val_accuracy", "state"} <= set(rows[0])

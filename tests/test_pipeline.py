@@ -100,7 +100,7 @@ def test_first_version_is_champion_and_challenger(reproduced: Path) -> None:
     assert {"kiln.git_commit", "kiln.data_hash", "kiln.params_hash", "kiln.tune_run_id"} <= set(champion.tags)
 
 
-def test_prefect_flow_reruns_only_what_an_override_touches(reproduced: Path) -> None:
+def test_prefect_flow_reruns_only_what_an_override_touches(reproduced: Path, tmp_path: Path) -> None:
     result = run(["python", "-m", "flows.pipeline", "--set", f"train.epochs={TINY_EPOCHS + 1}"], cwd=reproduced)
     statuses = json.loads(result.stdout.strip().splitlines()[-1])["stages"]
     assert statuses == {"prepare": "skipped", "tune": "skipped", "train": "ran", "compress": "ran",
@@ -108,9 +108,14 @@ def test_prefect_flow_reruns_only_what_an_override_touches(reproduced: Path) -> 
     assert yaml.safe_load((reproduced / "params.yaml").read_text())["train"]["epochs"] == TINY_EPOCHS + 1
     client = client_for(reproduced)
     assert str(client.get_model_version_by_alias("kiln", "challenger").version) == "2"
-    v1, v2 = (client.get_run(client.get_model_version("kiln", v).run_id).data.metrics["test_accuracy"]
-              for v in ("1", "2"))
-    expected_champion = "2" if v2 > v1 else "1"
+    v1, v2 = (client.get_run(client.get_model_version("kiln", v).run_id) for v in ("1", "2"))
+    decision = json.loads(Path(client.download_artifacts(v2.info.run_id, "promotion.json", str(tmp_path))).read_text())
+    assert (decision["champion_version"], decision["value"]) == ("1", v2.data.metrics["test_accuracy"])
+    assert decision["champion_value"] == v1.data.metrics["test_accuracy"]
+    significant = decision["p_value"] < TINY_PARAMS["evaluate"]["gate_alpha"] and decision["b"] > decision["c"]
+    assert decision["promoted"] == (decision["delta"] > 0 and significant)
+    assert v2.data.tags["kiln.promoted"] == str(decision["promoted"]).lower()
+    expected_champion = "2" if decision["promoted"] else "1"
     assert str(client.get_model_version_by_alias("kiln", "champion").version) == expected_champion
     assert "didn't change" in run(["dvc", "repro"], cwd=reproduced).stdout
 

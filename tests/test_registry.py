@@ -1,48 +1,139 @@
-"""The promotion gate on a real MLflow registry (sqlite in a temp dir)."""
+"""The promotion gate on a real MLflow registry (sqlite in a temp dir), and McNemar's test."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from kiln.registry import promote
+from kiln.registry import PREDICTIONS, Gate, GateError, predictions_record, promote
+from kiln.stats import mcnemar_exact
+
+LABELS = np.arange(100) % 10
+IMAGES = np.zeros((100, 1, 2, 2), np.uint8)
+GATE = Gate("test_accuracy", margin=0.0, alpha=0.05)
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow sqlite database with its schema, made once: creating the schema takes seconds."""
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_registered_models()
+    return path
 
 
 @pytest.fixture
-def client(tmp_path: Path) -> MlflowClient:
+def client(tmp_path: Path, empty_store: Path) -> MlflowClient:
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
     client.create_registered_model("m")
     return client
 
 
-def new_version(client: MlflowClient, accuracy: float | None) -> str:
-    run = client.create_run(client.create_experiment(f"e{len(client.search_experiments())}"))
-    if accuracy is not None:
-        client.log_metric(run.info.run_id, "test_accuracy", accuracy)
-    client.set_terminated(run.info.run_id)
-    return str(client.create_model_version("m", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id).version)
+def predictions(wrong: range, labels: np.ndarray = LABELS) -> np.ndarray:
+    """Predictions that get exactly the items in `wrong` wrong."""
+    predicted = labels.copy()
+    predicted[list(wrong)] = (labels[list(wrong)] + 1) % 10
+    return predicted
+
+
+def new_version(client: MlflowClient, wrong: range | None, images: np.ndarray = IMAGES) -> str:
+    """A model version whose run logged its accuracy and paired predictions (none when `wrong` is None)."""
+    run_id = client.create_run(client.get_experiment_by_name("e").experiment_id).info.run_id
+    labels = LABELS[: len(images)]
+    if wrong is not None:
+        predicted = predictions(wrong, labels)
+        client.log_metric(run_id, "test_accuracy", float((predicted == labels).mean()))
+        client.log_dict(run_id, predictions_record(images, labels, predicted), PREDICTIONS)
+    else:
+        client.log_metric(run_id, "test_accuracy", 0.5)
+    client.set_terminated(run_id)
+    return str(client.create_model_version("m", f"runs:/{run_id}/model", run_id=run_id).version)
 
 
 def aliases(client: MlflowClient) -> dict[str, str]:
     return {alias: str(version) for alias, version in client.get_registered_model("m").aliases.items()}
 
 
-def test_champion_moves_only_when_beaten(client: MlflowClient) -> None:
-    first = promote(client, "m", new_version(client, 0.90), "test_accuracy", 0.90)
-    assert first.promoted and aliases(client) == {"champion": "1", "challenger": "1"}
-    worse = promote(client, "m", new_version(client, 0.85), "test_accuracy", 0.85)
-    assert not worse.promoted and worse.champion_value == 0.90
+def test_mcnemar_matches_a_hand_computed_case() -> None:
+    first = np.array([1, 0, 0, 0, 0, 0, 1, 1, 0], bool)
+    second = np.array([0, 1, 1, 1, 1, 1, 1, 1, 0], bool)
+    test = mcnemar_exact(first, second)
+    # b=1, c=5: two-sided binomial(6, 1/2) tail = 2 * (C(6,0) + C(6,1)) / 2**6 = 14/64
+    assert (test.b, test.c, test.p_value) == (1, 5, pytest.approx(14 / 64))
+    assert mcnemar_exact(first, first).p_value == 1.0
+    with pytest.raises(ValueError, match="differ in shape"):
+        mcnemar_exact(first, second[:3])
+
+
+def test_first_version_becomes_champion(client: MlflowClient) -> None:
+    decision = promote(client, "m", new_version(client, range(10)), GATE)
+    assert decision.promoted and decision.reason == "no champion yet" and decision.p_value is None
+    assert aliases(client) == {"champion": "1", "challenger": "1"}
+
+
+def test_better_but_not_significant_stays_challenger(client: MlflowClient) -> None:
+    promote(client, "m", new_version(client, range(10)), GATE)
+    decision = promote(client, "m", new_version(client, range(3, 10)), GATE)  # b=3, c=0: p=0.25
+    assert not decision.promoted and "not significant" in decision.reason
+    assert (decision.delta, decision.b, decision.c, decision.p_value) == (0.03, 3, 0, 0.25)
     assert aliases(client) == {"champion": "1", "challenger": "2"}
-    better = promote(client, "m", new_version(client, 0.95), "test_accuracy", 0.95)
-    assert better.promoted and better.champion_version == "1"
-    assert aliases(client) == {"champion": "3", "challenger": "3"}
+
+
+def test_better_and_significant_becomes_champion(client: MlflowClient) -> None:
+    promote(client, "m", new_version(client, range(20)), GATE)
+    decision = promote(client, "m", new_version(client, range(15, 22)), GATE)  # b=15, c=2
+    assert decision.promoted and (decision.b, decision.c) == (15, 2) and decision.p_value < 0.01
+    assert (decision.champion_version, decision.champion_value, decision.value) == ("1", 0.80, 0.93)
+    assert aliases(client) == {"champion": "2", "challenger": "2"}
+    worse = promote(client, "m", new_version(client, range(20)), GATE)
+    assert not worse.promoted and worse.delta == -0.13
+    assert aliases(client) == {"champion": "2", "challenger": "3"}
+
+
+def test_improvement_below_the_margin_is_not_promoted(client: MlflowClient) -> None:
+    promote(client, "m", new_version(client, range(20)), GATE)
+    gate = Gate("test_accuracy", margin=0.2, alpha=0.05)
+    decision = promote(client, "m", new_version(client, range(5)), gate)  # +0.15, b=15, c=0: significant
+    assert not decision.promoted and "margin" in decision.reason and decision.p_value < 0.001
+    assert aliases(client) == {"champion": "1", "challenger": "2"}
+    assert promote(client, "m", new_version(client, range(0)), gate).promoted  # +0.20 reaches it
+
+
+def test_a_different_test_split_is_refused(client: MlflowClient) -> None:
+    promote(client, "m", new_version(client, range(20)), GATE)
+    smaller = promote(client, "m", new_version(client, range(0), IMAGES[:50]), GATE)
+    assert not smaller.promoted and "tested on 100 items, this version on 50" in smaller.reason
+    other = promote(client, "m", new_version(client, range(0), IMAGES + 1), GATE)
+    assert not other.promoted and "different test split" in other.reason and other.p_value is None
+    assert aliases(client) == {"champion": "1", "challenger": "3"}
 
 
 def test_failed_gate_leaves_aliases_untouched(client: MlflowClient) -> None:
-    promote(client, "m", new_version(client, None), "test_accuracy", 0.9)  # champion without the metric
+    promote(client, "m", new_version(client, range(20)), GATE)
+    client.set_registered_model_alias("m", "champion", new_version(client, None))  # no predictions to pair with
     before = aliases(client)
-    with pytest.raises(KeyError):
-        promote(client, "m", new_version(client, 0.99), "test_accuracy", 0.99)
+    with pytest.raises(GateError, match=f"m v2 .* has no {PREDICTIONS}"):
+        promote(client, "m", new_version(client, range(0)), GATE)
     assert aliases(client) == before
+
+
+class FailingChampionAlias(MlflowClient):
+    """A real client whose champion alias cannot be set, as when the registry goes away mid-way."""
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        if alias == "champion":
+            raise ConnectionError("registry unreachable")
+        super().set_registered_model_alias(name, alias, version)
+
+
+def test_failure_while_moving_aliases_restores_them(client: MlflowClient, tmp_path: Path) -> None:
+    promote(client, "m", new_version(client, range(20)), GATE)
+    better = new_version(client, range(0))
+    with pytest.raises(ConnectionError):
+        promote(FailingChampionAlias(f"sqlite:///{tmp_path / 'mlflow.db'}"), "m", better, GATE)
+    assert aliases(client) == {"champion": "1", "challenger": "1"}

@@ -1,0 +1,75 @@
+"""What a Ray Tune trial runs: a single-process training loop, or a Ray Train TorchTrainer it drives."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from kiln.distributed import train_worker
+from kiln.models import build_model
+from kiln.training import evaluate, make_loader, make_optimizer, seed_everything, train_epoch
+
+STATE_FILE = "trial.pt"
+OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay")
+
+
+def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> int:
+    """Load the trial's latest checkpoint (a resumed experiment, or a PBT exploit); returns the next epoch.
+
+    The optimiser keeps its momentum buffers but takes this trial's hyperparameters, which PBT may have perturbed.
+    """
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return 1
+    with checkpoint.as_directory() as folder:
+        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:
+        group.update({key: config[key] for key in OPTIMIZER_KEYS})
+    return state["epoch"] + 1
+
+
+def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dict[str, Any], epochs: int) -> None:
+    """Train in this trial's process, reporting validation metrics and a checkpoint every epoch."""
+    seed_everything(config["seed"])
+    model = build_model(**spec)
+    optimizer = make_optimizer(model, config["lr"], config["momentum"], config["weight_decay"])
+    train_loader = make_loader(data["x_train"], data["y_train"], int(config["batch_size"]), True, config["seed"])
+    val_loader = make_loader(data["x_val"], data["y_val"], 512, False, config["seed"])
+    for epoch in range(_restore(model, optimizer, config), epochs + 1):
+        fit = train_epoch(model, train_loader, optimizer)
+        if not math.isfinite(fit.loss):
+            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {fit.loss}) with {config}")
+        val = evaluate(model, val_loader)
+        with tempfile.TemporaryDirectory() as folder:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
+                       Path(folder) / STATE_FILE)
+            tune.report({"epoch": epoch, "train_loss": fit.loss, "train_accuracy": fit.accuracy, "val_loss": val.loss,
+                         "val_accuracy": val.accuracy, "node_id": ray.get_runtime_context().get_node_id()},
+                        checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def distributed_trial(config: dict[str, Any], data: dict[str, Any], spec: dict[str, Any], epochs: int, workers: int,
+                      cpus_per_worker: int, storage_path: str) -> None:
+    """Drive a Ray Train TorchTrainer with this trial's config; its rank-0 reports become the trial's results."""
+    trainer = ray.train.torch.TorchTrainer(
+        train_worker,
+        train_loop_config={"data": ray.put(data), "spec": spec, "epochs": epochs, "seed": config["seed"],
+                           "hyperparameters": {key: config[key] for key in (*OPTIMIZER_KEYS, "batch_size")}},
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=f"{tune.get_context().get_experiment_name()}-{tune.get_context().get_trial_id()}",
+            storage_path=storage_path, callbacks=[TuneReportCallback()],
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+    )
+    trainer.fit()
