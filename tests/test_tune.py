@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 from ray import tune
 
 from kiln.config import Params, apply_overrides, validate_params
+from kiln.errors import InputError
 from kiln.search import scheduler, search_algorithm, to_domain
 from tasks import prepare
 from tasks import tune as tune_stage
@@ -152,3 +153,11 @@ def test_interrupted_stage_resumes_its_experiment(tmp_path: Path, ray_address: s
     assert len(finished) == 4 and done_before <= set(finished)
     best = json.loads((tmp_path / "models/best_config.json").read_text())
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {best["mlflow_run_id"]}
+
+
+def test_a_trial_bigger_than_the_cluster_fails_before_any_trial(prepared: Path, workdir: Path) -> None:
+    params = tiny(cpus_per_trial=1, workers_per_trial=3)  # RAY_ADDRESS is set: checked against the real cluster
+    with pytest.raises(InputError, match="a tune trial needs 3 CPUs but the Ray cluster has 2"):
+        run_stage(params, prepared, workdir)
+    assert not (workdir / "best_config.json").exists() and not (workdir / "ray_results").exists()
+    assert child_runs(workdir) == []
