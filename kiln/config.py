@@ -19,6 +19,8 @@ from kiln.io import atomic_path
 DATASETS = ("fashion_mnist", "digits", "cifar10")
 MODELS = ("lenet",)
 TUNABLE_TRAIN_KEYS = ("lr", "momentum", "weight_decay", "batch_size")
+COMPRESS_VARIANTS = ("fp32", "int8", "pruned", "pruned_int8", "channel_pruned", "channel_pruned_int8", "distilled",
+                     "distilled_int8")  # `X_int8` is X exported, then int8-quantized
 
 
 class ParamsError(InputError):
@@ -50,6 +52,7 @@ class TrainParams(Strict):
     momentum: float = Field(ge=0, lt=1)
     weight_decay: float = Field(ge=0)
     num_workers: int = Field(ge=1)
+    max_failures: int = Field(ge=0, description="Restarts from the latest checkpoint when a worker dies.")
     use_gpu: bool
     use_tuned: bool = Field(description="Take the tuned keys from the tune stage's best config.")
     seed: int
@@ -149,9 +152,37 @@ class TuneParams(Strict):
 
 
 class CompressParams(Strict):
+    variants: list[str] = Field(description="Models to build and measure; see COMPRESS_VARIANTS.")
     calibration_samples: int = Field(ge=1)
     latency_batch_size: int = Field(ge=1)
     latency_repeats: int = Field(ge=1)
+    sparsity: float = Field(ge=0, lt=1, description="pruned: fraction of conv and linear weights set to zero.")
+    channel_keep: float = Field(gt=0, le=1, description="channel_pruned: fraction of each conv's channels kept.")
+    student_width: float = Field(gt=0, le=1, description="distilled: the student's layer widths over LeNet's.")
+    distill_temperature: float = Field(gt=0)
+    distill_alpha: float = Field(ge=0, le=1, description="Weight of the soft-target (KL) loss; the rest is CE.")
+    distill_epochs: int = Field(ge=1)
+    distill_lr: float = Field(gt=0, description="Learning rate of the student, trained from scratch.")
+    finetune_epochs: int = Field(ge=1)
+    finetune_lr: float = Field(gt=0, description="Learning rate of the fine-tunes after pruning.")
+    finetune_samples: int = Field(ge=1, description="Fine-tunes and distillation use a stratified subset.")
+    finetune_batch_size: int = Field(ge=1)
+    max_accuracy_drop_points: float = Field(
+        ge=0, description="Deployable: the fastest variant within this many points of fp32's val accuracy."
+    )
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, variants: list[str]) -> list[str]:
+        unknown = [name for name in variants if name not in COMPRESS_VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown variants {unknown}; allowed: {', '.join(COMPRESS_VARIANTS)}")
+        missing = [name for name in ("fp32", "int8") if name not in variants]
+        if missing:
+            raise ValueError(f"must include {missing}: fp32 is the baseline, int8 is models/model_int8.onnx")
+        if len(set(variants)) < len(variants):
+            raise ValueError("lists a variant twice")
+        return variants
 
 
 class EvaluateParams(Strict):

@@ -11,8 +11,10 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
+import torch.distributed as dist
 from mlflow import MlflowClient
 from mlflow.entities import Metric
+from torch.utils.data import DataLoader, DistributedSampler
 
 from kiln.models import build_model
 from kiln.training import evaluate, make_loader, make_optimizer, seed_everything, train_epoch
@@ -29,12 +31,34 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
         state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
+    if ray.train.get_context().get_world_rank() == 0:
+        print(f"train: resuming after epoch {state['epoch']} from {checkpoint.path}", flush=True)
     return state["epoch"] + 1, state["history"]
 
 
+def _shuffled_loader(data: dict[str, Any], batch_size: int, seed: int, rank: int, world: int) -> DataLoader:
+    """This worker's shard of the training set, reshuffled by (seed, epoch) once `set_epoch` is called."""
+    dataset = make_loader(data["x_train"], data["y_train"], batch_size, False, seed).dataset
+    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    return ray.train.torch.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, sampler=sampler))
+
+
+def _worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every worker, by rank."""
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
 def train_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker; rank 0 alone prints, logs to MLflow (given a run id) and writes checkpoints."""
+    """Runs on every Ray Train worker; rank 0 alone prints, logs to MLflow (given a run id) and writes checkpoints.
+
+    Randomness is re-seeded from (seed, epoch, rank) at every epoch, so a run resumed from a checkpoint after a
+    worker died continues exactly as the uninterrupted run would have.
+    """
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     seed_everything(config["seed"])
@@ -44,15 +68,14 @@ def train_worker(config: dict[str, Any]) -> None:
     optimizer = make_optimizer(model, hp["lr"], hp["momentum"], hp["weight_decay"])
     start_epoch, history = _restore(model, optimizer)
     model = ray.train.torch.prepare_model(model)
-    per_worker_batch = max(1, int(hp["batch_size"]) // world)
-    train_loader = ray.train.torch.prepare_data_loader(
-        make_loader(data["x_train"], data["y_train"], per_worker_batch, True, config["seed"]))
+    train_loader = _shuffled_loader(data, max(1, int(hp["batch_size"]) // world), config["seed"], rank, world)
     val_loader = ray.train.torch.prepare_data_loader(make_loader(data["x_val"], data["y_val"], 512, False, 0))
+    nodes = _worker_nodes(world)
     client = MlflowClient(config["tracking_uri"]) if rank == 0 and config.get("mlflow_run_id") else None
     epochs = config["epochs"]
     for epoch in range(start_epoch, epochs + 1):
-        if world > 1:
-            train_loader.sampler.set_epoch(epoch)
+        seed_everything(config["seed"] + 1000 * epoch + rank)
+        train_loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
         fit = train_epoch(model, train_loader, optimizer)
         seconds = time.perf_counter() - started
@@ -73,13 +96,15 @@ def train_worker(config: dict[str, Any]) -> None:
                         Metric(key, float(value), now, epoch) for key, value in metrics.items() if key != "epoch"])
                 module = model.module if hasattr(model, "module") else model
                 torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "history": history, "rng": torch.get_rng_state()}, Path(folder) / CHECKPOINT_FILE)
+                            "history": history, "worker_nodes": nodes}, Path(folder) / CHECKPOINT_FILE)
                 checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report({**metrics, "node_id": ray.get_runtime_context().get_node_id()}, checkpoint=checkpoint)
+            ray.train.report({**metrics, "node_id": nodes[rank]}, checkpoint=checkpoint)
 
 
-def fit(config: dict[str, Any], num_workers: int, use_gpu: bool, storage_path: Path, name: str) -> dict[str, Any]:
-    """Run `train_worker` on `num_workers` Ray Train workers; returns the final checkpoint's state."""
+def fit(config: dict[str, Any], num_workers: int, use_gpu: bool, storage_path: Path, name: str,
+        max_failures: int) -> dict[str, Any]:
+    """Run `train_worker` on `num_workers` Ray Train workers, restarting them from the latest checkpoint up to
+    `max_failures` times when one dies; returns the final checkpoint's state."""
     trainer = ray.train.torch.TorchTrainer(
         train_worker,
         train_loop_config=config,
@@ -87,6 +112,7 @@ def fit(config: dict[str, Any], num_workers: int, use_gpu: bool, storage_path: P
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage_path.resolve()),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),
             # Ray Train also routes print() through its logger, which would show every progress line twice.
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},

@@ -20,19 +20,28 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-class LeNet(nn.Module):
-    """LeNet-style CNN: conv 6 -> conv 16 -> fc 120 -> 84 -> classes, for any channel count and size >= 4."""
+LENET_WIDTHS = (6, 16, 120, 84)
 
-    def __init__(self, in_channels: int, num_classes: int, image_size: int) -> None:
+
+class LeNet(nn.Module):
+    """LeNet-style CNN: conv 6 -> conv 16 -> fc 120 -> 84 -> classes, for any channel count and size >= 4.
+
+    `widths` (conv1, conv2, fc1, fc2) builds thinner variants: channel-pruned models and distillation students.
+    """
+
+    def __init__(
+        self, in_channels: int, num_classes: int, image_size: int, widths: Sequence[int] = LENET_WIDTHS
+    ) -> None:
         super().__init__()
+        conv1, conv2, fc1, fc2 = widths
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, conv1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(conv1, conv2, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
         )
         side = image_size // 4
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(16 * side * side, 120), nn.ReLU(),
-            nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes),
+            nn.Flatten(), nn.Linear(conv2 * side * side, fc1), nn.ReLU(),
+            nn.Linear(fc1, fc2), nn.ReLU(), nn.Linear(fc2, num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

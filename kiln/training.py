@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,6 +13,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kiln.data import to_float
+
+Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, images, labels) -> loss
 
 
 @dataclass
@@ -47,14 +50,17 @@ def _all_reduce(loss_sum: float, correct: int, count: int) -> EpochStats:
     return EpochStats(loss=loss_sum / max(count, 1), accuracy=correct / max(count, 1), images=int(count))
 
 
-def train_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer) -> EpochStats:
-    """One pass over `loader`; returns loss and accuracy summed over all workers."""
+def train_epoch(
+    model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, loss_fn: Loss | None = None
+) -> EpochStats:
+    """One pass over `loader` minimising `loss_fn` (cross-entropy by default); returns loss and accuracy summed over
+    all workers."""
     model.train()
     loss_sum, correct, count = 0.0, 0, 0
     for images, labels in loader:
         optimizer.zero_grad(set_to_none=True)
         logits = model(images)
-        loss = nn.functional.cross_entropy(logits, labels)
+        loss = nn.functional.cross_entropy(logits, labels) if loss_fn is None else loss_fn(logits, images, labels)
         loss.backward()
         optimizer.step()
         loss_sum += loss.item() * len(labels)

@@ -1,4 +1,4 @@
-"""Stage `evaluate`: test-set metrics of the deployable (int8 ONNX) model, MLflow logging and registration."""
+"""Stage `evaluate`: test-set metrics of the deployable ONNX model (compress picks it), MLflow logging, registration."""
 
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ def run(
     params: Params,
     prepared_dir: Path = Path("data/prepared"),
     model_path: Path = Path("models/model.pt"),
-    onnx_path: Path = Path("models/model_int8.onnx"),
+    onnx_path: Path = Path("models/deployable.onnx"),
     report_dir: Path = Path("reports/evaluate"),
 ) -> tuple[dict[str, float], Decision]:
-    """Evaluate on the test split, log and register the int8 model, apply the promotion gate."""
+    """Evaluate on the test split, log and register the deployable model, apply the promotion gate."""
     manifest = read_manifest(prepared_dir)
     classes, num_classes = manifest["classes"], len(manifest["classes"])
     x_test, y_test = load_split(prepared_dir, "test")
@@ -43,7 +43,7 @@ def run(
     metrics["fp32_test_accuracy"] = classification_metrics(y_test, fp32_predicted, num_classes)["accuracy"]
 
     plot = report_dir / "confusion_matrix.png"
-    save_confusion_matrix(confusion(y_test, predicted, num_classes), classes, plot, "int8 model, test split")
+    save_confusion_matrix(confusion(y_test, predicted, num_classes), classes, plot, "deployable model, test split")
     with atomic_path(report_dir / "predictions.csv") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["actual", "predicted"])

@@ -63,11 +63,14 @@ def run(
             "spec": spec, "hyperparameters": hyperparameters, "epochs": settings.epochs, "seed": settings.seed,
             "tracking_uri": mlflow.get_tracking_uri(), "mlflow_run_id": run.info.run_id,
         }
-        state = fit(config, settings.num_workers, settings.use_gpu, storage_path, f"train-{run.info.run_id}")
+        state = fit(config, settings.num_workers, settings.use_gpu, storage_path, f"train-{run.info.run_id}",
+                    settings.max_failures)
         history = state["history"]
         model = build_model(**spec)
         model.load_state_dict(state["model"])
         final = {key: float(value) for key, value in history[-1].items() if key != "epoch"}
+        final["worker_nodes"] = len(set(state["worker_nodes"]))
+        mlflow.log_metric("worker_nodes", final["worker_nodes"])
         curves = report_dir / "learning_curves.png"
         save_learning_curves(history, curves)
         mlflow.log_artifact(str(curves))

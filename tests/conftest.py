@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,9 +29,16 @@ TINY_PARAMS = {
     },
     "train": {
         "model": "lenet", "epochs": 6, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0001,
-        "num_workers": 2, "use_gpu": False, "use_tuned": True, "seed": 0,
+        "num_workers": 2, "max_failures": 2, "use_gpu": False, "use_tuned": True, "seed": 0,
     },
-    "compress": {"calibration_samples": 128, "latency_batch_size": 32, "latency_repeats": 5},
+    "compress": {
+        "variants": ["fp32", "int8", "pruned", "pruned_int8", "channel_pruned", "channel_pruned_int8", "distilled",
+                     "distilled_int8"],
+        "calibration_samples": 128, "latency_batch_size": 32, "latency_repeats": 5, "sparsity": 0.5,
+        "channel_keep": 0.5, "student_width": 0.5, "distill_temperature": 2.0, "distill_alpha": 0.7,
+        "distill_epochs": 10, "distill_lr": 0.02, "finetune_epochs": 2, "finetune_lr": 0.01, "finetune_samples": 1200,
+        "finetune_batch_size": 32, "max_accuracy_drop_points": 2.0,
+    },
     "evaluate": {
         "experiment": "kiln", "registered_model": "kiln",
         "gate_metric": "test_accuracy", "gate_margin": 0.0, "gate_alpha": 0.05,
@@ -62,23 +70,41 @@ def run(command: list[str], cwd: Path, timeout: int = 600, check: bool = True) -
 os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)})
 
 
+def start_ray_node(*args: str) -> subprocess.Popen:
+    """`ray start --block` in the background: terminating it stops this node's processes and no others."""
+    return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
+                             "--disable-usage-stats", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def wait_for_nodes(count: int, timeout: float = 120) -> None:
+    probe = "import ray; ray.init(); print(sum(node['Alive'] for node in ray.nodes()))"
+    deadline = time.monotonic() + timeout
+    while run([sys.executable, "-c", probe], cwd=REPO, check=False).stdout.strip() != str(count):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the test Ray cluster did not reach {count} nodes in {timeout:.0f} s")
+        time.sleep(1)
+
+
 @pytest.fixture(scope="session")
 def ray_address() -> Iterator[str]:
     """A real two-node Ray cluster on loopback (a head and one more node, 1 CPU each), shared by in-process tests
-    and every stage subprocess, so multi-worker training and parallel trials really cross nodes."""
+    and every stage subprocess, so multi-worker training and parallel trials really cross nodes. Only this
+    cluster is stopped afterwards: other Ray instances on the machine are left alone."""
     port = free_port()
     address = f"127.0.0.1:{port}"
     saved = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = address
-    run([str(BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-         "--include-dashboard=false", "--disable-usage-stats"], cwd=REPO)
-    run([str(BIN / "ray"), "start", f"--address={address}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-         "--disable-usage-stats"], cwd=REPO)
+    nodes = [start_ray_node("--head", f"--port={port}", "--include-dashboard=false")]
+    wait_for_nodes(1)
+    nodes.append(start_ray_node(f"--address={address}"))
+    wait_for_nodes(2)
     yield address
     import ray
 
     ray.shutdown()
-    run([str(BIN / "ray"), "stop", "--force"], cwd=REPO, check=False)
+    for node in reversed(nodes):
+        node.terminate()
+        node.wait(timeout=60)
     if saved is None:
         os.environ.pop("RAY_ADDRESS")
     else:

@@ -1,4 +1,5 @@
-"""The compress stage on real components: a LeNet trained on scikit-learn's digits, torch's exporter, ORT."""
+"""The compress stage on real components: a LeNet trained on scikit-learn's digits, pruned, distilled, exported with
+torch's exporter and quantized and timed with ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -17,15 +18,26 @@ import yaml
 from sklearn.datasets import load_digits
 from torch import nn
 
-from kiln.config import CompressParams
-from kiln.data import MANIFEST, SPLITS, load_split, read_manifest, save_split, split_file, to_float
+from kiln.compression import (
+    channel_prune,
+    count_parameters,
+    distill,
+    magnitude_prune,
+    qualified,
+    select_deployable,
+    sparsity,
+)
+from kiln.config import COMPRESS_VARIANTS, CompressParams, ParamsError, validate_params
+from kiln.data import MANIFEST, SPLITS, load_split, read_manifest, save_split, split_file, stratified_head, to_float
 from kiln.io import write_json
 from kiln.models import build_model, load_trained_model, save_trained_model
 from kiln.onnx_tools import export_onnx, predict_onnx, quantize_int8
-from tasks.compress import ENGINES, compress
+from kiln.training import make_loader, seed_everything
+from tasks.compress import compress
+from tests.conftest import TINY_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
-PARAMS = CompressParams(calibration_samples=128, latency_batch_size=32, latency_repeats=5)
+PARAMS = CompressParams(**TINY_PARAMS["compress"])
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +95,19 @@ def fp32_onnx(model_path: Path, val: tuple[np.ndarray, np.ndarray], tmp_path_fac
 
 
 @pytest.fixture(scope="module")
+def loader(prepared: Path) -> torch.utils.data.DataLoader:
+    """The fine-tune loader the stage builds: a stratified subset of the training split."""
+    x_train, y_train = load_split(prepared, "train")
+    subset = stratified_head(y_train, PARAMS.finetune_samples, 0)
+    return make_loader(x_train[subset], y_train[subset], PARAMS.finetune_batch_size, shuffle=True, seed=0)
+
+
+def accuracy(model: nn.Module, val: tuple[np.ndarray, np.ndarray]) -> float:
+    with torch.no_grad():
+        return float((model(torch.from_numpy(val[0])).argmax(1).numpy() == val[1]).mean())
+
+
+@pytest.fixture(scope="module")
 def stage(prepared: Path, model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """One compress() run: its output root (models/, reports/) and returned metrics."""
     root = tmp_path_factory.mktemp("stage")
@@ -112,18 +137,88 @@ def test_int8_is_smaller_and_agrees(fp32_onnx: Path, val: tuple[np.ndarray, np.n
     assert agreement >= 0.95
 
 
+def test_magnitude_pruning_reaches_sparsity_and_keeps_accuracy(
+    model_path: Path, loader: torch.utils.data.DataLoader, val: tuple[np.ndarray, np.ndarray]
+) -> None:
+    model, _ = load_trained_model(str(model_path))
+    seed_everything(0)
+    pruned = magnitude_prune(model, 0.7, loader, PARAMS.finetune_epochs, PARAMS.finetune_lr)
+    assert sparsity(pruned) == pytest.approx(0.7, abs=0.005) and sparsity(model) < 0.01  # the original is untouched
+    assert not any(name.endswith(("_orig", "_mask")) for name in pruned.state_dict())  # made permanent
+    assert accuracy(pruned, val) >= accuracy(model, val) - 0.03
+
+
+def test_channel_pruning_builds_a_smaller_network(
+    model_path: Path, loader: torch.utils.data.DataLoader, val: tuple[np.ndarray, np.ndarray], fp32_onnx: Path,
+    tmp_path: Path,
+) -> None:
+    model, _ = load_trained_model(str(model_path))
+    seed_everything(0)
+    small = channel_prune(model, 0.5, loader, PARAMS.finetune_epochs, PARAMS.finetune_lr)
+    assert [small[1].features[i].out_channels for i in (0, 3)] == [3, 8]
+    assert small[1].classifier[1].in_features == 8 * 2 * 2
+    assert count_parameters(small) < 0.8 * count_parameters(model)  # on 8x8 digits the fc layers dominate
+    export_onnx(small, torch.from_numpy(val[0][:2]), tmp_path / "small.onnx")
+    assert (tmp_path / "small.onnx").stat().st_size < 0.85 * fp32_onnx.stat().st_size
+    assert (predict_onnx(tmp_path / "small.onnx", val[0]).argmax(1) == val[1]).mean() >= accuracy(model, val) - 0.05
+
+
+def test_distilled_student_is_smaller_and_close_to_the_teacher(
+    model_path: Path, loader: torch.utils.data.DataLoader, val: tuple[np.ndarray, np.ndarray]
+) -> None:
+    teacher, _ = load_trained_model(str(model_path))
+    seed_everything(0)
+    student = distill(teacher, 0.5, loader, PARAMS.distill_epochs, PARAMS.distill_lr,
+                      PARAMS.distill_temperature, PARAMS.distill_alpha)
+    assert count_parameters(student) < 0.35 * count_parameters(teacher)
+    assert accuracy(student, val) >= accuracy(teacher, val) - 0.06
+
+
+def test_selection_is_the_fastest_within_the_drop() -> None:
+    accuracy = {"fp32": 0.90, "int8": 0.895, "pruned": 0.85}
+    latency = {"fp32": 3.0, "int8": 1.0, "pruned": 0.5}
+    assert qualified(accuracy, 1.0) == ["fp32", "int8"]
+    assert select_deployable(accuracy, latency, 1.0) == "int8"
+    assert select_deployable(accuracy, latency, 0.0) == "fp32"  # the baseline always qualifies
+    assert select_deployable(accuracy, latency, 5.0) == "pruned"
+    assert select_deployable({"fp32": 0.9, "int8": 0.99}, {"fp32": 1.0, "int8": 2.0}, 0.0) == "fp32"
+
+
 def test_compress_writes_models_and_metrics(stage: tuple[Path, dict]) -> None:
     root, metrics = stage
-    assert json.loads((root / "reports" / "metrics.json").read_text()) == metrics
-    for name in ("model_fp32.onnx", "model_int8.onnx"):
+    reports = root / "reports"
+    assert json.loads((reports / "metrics.json").read_text()) == metrics
+    for name in ("model_fp32.onnx", "model_int8.onnx", "deployable.onnx"):
         onnx.checker.check_model(str(root / "models" / name))
     assert all(isinstance(value, int | float) and math.isfinite(value) for value in metrics.values())
-    for engine in ENGINES:
-        assert {f"{engine}_val_accuracy", f"{engine}_batch1_p50_ms", f"{engine}_batched_images_per_s"} <= set(metrics)
-    assert {"int8_size_ratio", "int8_speedup_vs_ort_fp32", "int8_speedup_vs_torch_eager"} <= set(metrics)
+    for engine in ("torch_fp32", "torch_channel_pruned", *(f"ort_{variant}" for variant in COMPRESS_VARIANTS)):
+        assert {f"{engine}_val_accuracy", f"{engine}_batch1_p95_ms", f"{engine}_batched_images_per_s"} <= set(metrics)
+    assert {"int8_size_ratio", "int8_speedup_vs_ort_fp32", "int8_speedup_vs_torch_eager",
+            "structured_pruning_speedup_vs_torch_eager"} <= set(metrics)
     assert metrics["ort_fp32_val_accuracy"] == metrics["torch_fp32_val_accuracy"] > 0.8
     assert abs(metrics["int8_accuracy_drop_points"]) <= 2
     assert metrics["int8_size_ratio"] > 2
+    assert metrics["pruned_sparsity"] == pytest.approx(PARAMS.sparsity, abs=0.005)
+    assert metrics["channel_pruned_parameters"] < metrics["fp32_parameters"]
+    assert metrics["channel_pruned_onnx_bytes"] < metrics["fp32_onnx_bytes"]
+    assert metrics["distilled_parameters"] < metrics["channel_pruned_parameters"]
+    assert (reports / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
+    assert all(f"| {variant} |" in (reports / "variants.md").read_text() for variant in COMPRESS_VARIANTS)
+
+
+def test_deployable_is_the_fastest_within_the_accuracy_drop(stage: tuple[Path, dict]) -> None:
+    root, _ = stage
+    table = json.loads((root / "reports" / "variants.json").read_text())
+    rows = {row["variant"]: row for row in table["variants"]}
+    assert list(rows) == PARAMS.variants
+    baseline = rows["fp32"]["val_accuracy"]
+    passing = [name for name, row in rows.items() if (baseline - row["val_accuracy"]) * 100 <= 2.0 + 1e-9]
+    assert "fp32" in passing and [name for name, row in rows.items() if row["qualifies"]] == passing
+    fastest = min(passing, key=lambda name: rows[name]["batched_p50_ms"])
+    selection = json.loads((root / "reports" / "selection.json").read_text())
+    assert table["selected_variant"] == selection["selected_variant"] == fastest
+    assert selection["qualified"] == passing
+    assert (root / "models" / "deployable.onnx").stat().st_size == rows[fastest]["onnx_bytes"]
 
 
 def snapshot(root: Path) -> dict[Path, bytes | bool]:
@@ -137,14 +232,15 @@ def test_failed_run_keeps_previous_outputs(
 ) -> None:
     root = shutil.copytree(stage[0], tmp_path / "outputs")
     before = snapshot(root)
-    bad_model = tmp_path / "model.pt"
+    bad_model, params = tmp_path / "model.pt", PARAMS
     if damage == "truncated model.pt":
         bad_model.write_bytes(model_path.read_bytes()[:1000])
-    else:  # loads fine, then fails inside the export, after the atomic temporaries exist
+    else:  # loads fine; with no fine-tune to fail first, it fails inside the ONNX export
         spec = dict(load_trained_model(str(model_path))[1]["spec"], image_size=16)
         save_trained_model(str(bad_model), build_model(**spec), spec, extra={})
+        params = PARAMS.model_copy(update={"variants": ["fp32", "int8"]})
     with pytest.raises(RuntimeError):
-        compress(PARAMS, bad_model, prepared, root / "models", root / "reports")
+        compress(params, bad_model, prepared, root / "models", root / "reports")
     assert snapshot(root) == before  # same bytes, and no temporaries left behind
 
 
@@ -162,3 +258,22 @@ def test_cli_bad_params_exits_1_naming_the_key(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "compress.latency_repeats" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("variants", ["fp32", "int8", "prunned"], "compress.variants: unknown variants ['prunned']"),
+        ("variants", ["fp32", "pruned"], "compress.variants: must include ['int8']"),
+        ("sparsity", 1.0, "compress.sparsity: Input should be less than 1"),
+        ("sparsity", -0.1, "compress.sparsity: Input should be greater than or equal to 0"),
+        ("channel_keep", 0.0, "compress.channel_keep: Input should be greater than 0"),
+        ("channel_keep", 1.5, "compress.channel_keep: Input should be less than or equal to 1"),
+    ],
+)
+def test_bad_compress_params_name_the_key(key: str, value: object, expected: str) -> None:
+    raw = json.loads(json.dumps(TINY_PARAMS))
+    raw["compress"][key] = value
+    with pytest.raises(ParamsError) as error:
+        validate_params(raw)
+    assert expected in str(error.value)

@@ -1,0 +1,128 @@
+"""Compression algorithms on kiln's LeNet (plain PyTorch): magnitude pruning, channel pruning, distillation, and the
+policy that picks the deployable variant. Models are `nn.Sequential(Normalize, LeNet)` as `build_model` makes them."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+from torch.utils.data import DataLoader
+
+from kiln.models import LeNet
+from kiln.training import Loss, make_optimizer, train_epoch
+
+MOMENTUM = 0.9
+
+
+def _layers(model: nn.Module) -> list[nn.Conv2d | nn.Linear]:
+    return [module for module in model.modules() if isinstance(module, nn.Conv2d | nn.Linear)]
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
+def sparsity(model: nn.Module) -> float:
+    """Fraction of zeros among the weights of every conv and linear layer."""
+    weights = [layer.weight for layer in _layers(model)]
+    return sum(int((weight == 0).sum()) for weight in weights) / sum(weight.numel() for weight in weights)
+
+
+def fine_tune(model: nn.Module, loader: DataLoader, epochs: int, lr: float, loss_fn: Loss | None = None) -> nn.Module:
+    """Train `model` in place for `epochs` with SGD (Nesterov momentum, no weight decay); returns it in eval mode."""
+    optimizer = make_optimizer(model, lr, MOMENTUM, weight_decay=0.0)
+    for _ in range(epochs):
+        train_epoch(model, loader, optimizer, loss_fn)
+    return model.eval()
+
+
+def magnitude_prune(model: nn.Module, amount: float, loader: DataLoader, epochs: int, lr: float) -> nn.Module:
+    """A copy of `model` with the `amount` fraction of smallest conv and linear weights (ranked globally) set to zero,
+    fine-tuned with the mask held, then made permanent."""
+    pruned = copy.deepcopy(model)
+    targets = [(layer, "weight") for layer in _layers(pruned)]
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
+    fine_tune(pruned, loader, epochs, lr)
+    for layer, name in targets:
+        prune.remove(layer, name)
+    return pruned
+
+
+def _lenet(model: nn.Module) -> LeNet:
+    net = model[1]
+    if not isinstance(net, LeNet):
+        raise TypeError(f"expected Sequential(Normalize, LeNet), got {type(net).__name__} after the normalisation")
+    return net
+
+
+def _widths(net: LeNet) -> tuple[int, int, int, int]:
+    return (net.features[0].out_channels, net.features[3].out_channels, net.classifier[1].out_features,
+            net.classifier[3].out_features)
+
+
+def _thinner(model: nn.Module, widths: Sequence[int]) -> nn.Sequential:
+    """A freshly initialised LeNet with `widths`, taking the same images and classes as `model`, same normalisation."""
+    net = _lenet(model)
+    side = round((net.classifier[1].in_features / net.features[3].out_channels) ** 0.5)
+    thin = LeNet(net.features[0].in_channels, net.classifier[-1].out_features, side * 4, widths)
+    return nn.Sequential(copy.deepcopy(model[0]), thin)
+
+
+def _strongest(conv: nn.Conv2d, keep: float) -> torch.Tensor:
+    """Sorted indices of the `keep` fraction (at least one) of `conv`'s output channels with the largest L1 norm."""
+    norms = conv.weight.detach().abs().sum(dim=(1, 2, 3))
+    return norms.topk(max(1, round(len(norms) * keep))).indices.sort().values
+
+
+def channel_prune(model: nn.Module, keep: float, loader: DataLoader, epochs: int, lr: float) -> nn.Module:
+    """A smaller LeNet: each conv keeps its `keep` fraction of output channels with the largest L1 norm, the next conv
+    and the first linear layer keep the matching inputs; then fine-tuned."""
+    net = _lenet(model)
+    keep1, keep2 = _strongest(net.features[0], keep), _strongest(net.features[3], keep)
+    small = _thinner(model, (len(keep1), len(keep2), *_widths(net)[2:]))
+    area = net.classifier[1].in_features // net.features[3].out_channels  # Flatten is channel-major
+    columns = (keep2[:, None] * area + torch.arange(area)).flatten()
+    state = net.state_dict()
+    state.update({
+        "features.0.weight": state["features.0.weight"][keep1], "features.0.bias": state["features.0.bias"][keep1],
+        "features.3.weight": state["features.3.weight"][keep2][:, keep1],
+        "features.3.bias": state["features.3.bias"][keep2],
+        "classifier.1.weight": state["classifier.1.weight"][:, columns],
+    })
+    small[1].load_state_dict(state)
+    return fine_tune(small, loader, epochs, lr)
+
+
+def distill(
+    teacher: nn.Module, width: float, loader: DataLoader, epochs: int, lr: float, temperature: float, alpha: float
+) -> nn.Module:
+    """A student LeNet with `width` times the teacher's layer widths, trained from scratch on
+    alpha * T^2 * KL(teacher || student, both softened by temperature T) + (1 - alpha) * cross-entropy."""
+    student = _thinner(teacher, [max(1, round(size * width)) for size in _widths(_lenet(teacher))])
+    teacher.eval()
+
+    def loss(logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            targets = nn.functional.log_softmax(teacher(images) / temperature, dim=1)
+        soft = nn.functional.log_softmax(logits / temperature, dim=1)
+        kl = nn.functional.kl_div(soft, targets, reduction="batchmean", log_target=True)
+        return alpha * temperature**2 * kl + (1 - alpha) * nn.functional.cross_entropy(logits, labels)
+
+    return fine_tune(student, loader, epochs, lr, loss)
+
+
+def qualified(accuracy: Mapping[str, float], max_drop_points: float, baseline: str = "fp32") -> list[str]:
+    """Variants whose accuracy is at most `max_drop_points` (percentage points) below the baseline's, which
+    always qualifies."""
+    return [name for name, value in accuracy.items()
+            if name == baseline or (accuracy[baseline] - value) * 100 <= max_drop_points + 1e-9]
+
+
+def select_deployable(
+    accuracy: Mapping[str, float], latency_ms: Mapping[str, float], max_drop_points: float, baseline: str = "fp32"
+) -> str:
+    """The qualified variant with the lowest latency (the first listed on a tie)."""
+    return min(qualified(accuracy, max_drop_points, baseline), key=latency_ms.__getitem__)
