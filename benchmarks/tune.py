@@ -55,7 +55,7 @@ def main(train_samples: int = 6000, tpe_trials: int = 30) -> None:
     os.chdir(work)
     prepared = work / "prepared"
     prepare.prepare(validate_params(base).prepare, prepared)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     results: dict[str, Any] = {}
     for name, overrides in strategies(tpe_trials).items():
         params: Params = validate_params(apply_overrides(base, {f"tune.{k}": v for k, v in overrides.items()}))

@@ -15,8 +15,8 @@ def connect() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+    else:  # a new local instance, even when `ray start` left a cluster running on this machine
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
 
 
 def require_cpus(needed: float, what: str) -> None:

@@ -70,6 +70,16 @@ def run(command: list[str], cwd: Path, timeout: int = 600, check: bool = True) -
 os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)})
 
 
+def stop(process: subprocess.Popen, grace: float = 30) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `grace` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def start_ray_node(*args: str) -> subprocess.Popen:
     """`ray start --block` in the background: terminating it stops this node's processes and no others."""
     return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
@@ -103,8 +113,7 @@ def ray_address() -> Iterator[str]:
 
     ray.shutdown()
     for node in reversed(nodes):
-        node.terminate()
-        node.wait(timeout=60)
+        stop(node, grace=60)
     if saved is None:
         os.environ.pop("RAY_ADDRESS")
     else:

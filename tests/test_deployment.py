@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, TINY_PARAMS, copy_repo, free_port, run
+from tests.conftest import BIN, TINY_PARAMS, copy_repo, free_port, run, stop
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +37,7 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> I
                 pytest.fail("prefect server did not become healthy within 120 s")
             time.sleep(1)
     yield env
-    server.terminate()
-    server.wait(timeout=30)
+    stop(server)
 
 
 def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], tmp_path: Path,
@@ -64,8 +63,7 @@ def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], t
             [str(BIN / "prefect"), "deployment", "run", "kiln/local", "--param", f"overrides={overrides}", "--watch",
              "--watch-timeout", "800"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     finally:
-        worker.terminate()
-        worker.wait(timeout=60)
+        stop(worker)
     assert "Completed" in watched.stdout, worker_log.read_text()[-8000:]
     assert (repo / "models/model_int8.onnx").is_file()
     assert json.loads((repo / "reports/train/metrics.json").read_text())["val_accuracy"] > 0.5
