@@ -31,4 +31,4 @@ test: setup
 	pytest
 
 lint: setup
-	ruff check . && ruff format --check .
+	ruff check .

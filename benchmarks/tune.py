@@ -78,7 +78,8 @@ def main(train_samples: int = 6000, tpe_trials: int = 30) -> None:
              results[f"{name}_trial_epochs"], results[f"{name}_wall_seconds"]) for name in strategies(tpe_trials)]
     write_section("tune", "python -m benchmarks.tune", results["setup"],
                   ("strategy", "best val accuracy", "trials", "trial-epochs", "wall s"), rows,
-                  f"TPE+ASHA is {results['tpe_asha_gap_points']:+.2f} points from grid's best with "
+                  f"TPE+ASHA ends {abs(results['tpe_asha_gap_points']):.2f} points "
+                  f"{'below' if results['tpe_asha_gap_points'] > 0 else 'above'} grid's best with "
                   f"{results['tpe_asha_trial_epoch_fraction']:.0%} of grid's trial-epochs "
                   "(target: within 0.5 points, at most 35%).")
 
