@@ -27,7 +27,7 @@ run: setup dataset
 flow: setup dataset
 	python -m flows.pipeline
 
-test: setup
+test: setup dataset
 	pytest
 
 lint: setup
