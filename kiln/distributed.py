@@ -17,9 +17,15 @@ from mlflow.entities import Metric
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kiln.models import build_model
-from kiln.training import evaluate, make_loader, make_optimizer, seed_everything, train_epoch
+from kiln.training import evaluate, make_loader, make_optimizer, seed_everything, to_dataset, train_epoch
 
 CHECKPOINT_FILE = "state.pt"
+
+
+def read_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    """The training state a kiln checkpoint (Ray Train's or a Tune trial's) holds."""
+    with checkpoint.as_directory() as folder:
+        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
 def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
@@ -27,8 +33,7 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 1, []
-    with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    state = read_state(checkpoint)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     if ray.train.get_context().get_world_rank() == 0:
@@ -38,7 +43,7 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[
 
 def _shuffled_loader(data: dict[str, Any], batch_size: int, seed: int, rank: int, world: int) -> DataLoader:
     """This worker's shard of the training set, reshuffled by (seed, epoch) once `set_epoch` is called."""
-    dataset = make_loader(data["x_train"], data["y_train"], batch_size, False, seed).dataset
+    dataset = to_dataset(data["x_train"], data["y_train"])
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     return ray.train.torch.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, sampler=sampler))
 
@@ -118,6 +123,4 @@ def fit(config: dict[str, Any], num_workers: int, use_gpu: bool, storage_path: P
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
-    result = trainer.fit()
-    with result.checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+    return read_state(trainer.fit().checkpoint)

@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import yaml
 from mlflow import MlflowClient
-from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from kiln.config import Params, params_hash
 from kiln.data import MANIFEST
@@ -76,26 +74,3 @@ def close_stale_runs(experiment: str, tune_experiment: str) -> str | None:
     parents = [r.info.run_id for r in runs if r.data.tags.get("kiln.stage") == "tune"]
     return parents[0] if parents else None
 
-
-class TrialTracker(MLflowLoggerCallback):
-    """Ray's MLflow callback (a child run per trial), also tagging how each trial ended: `kiln.trial_state` is
-    completed, stopped_early (by the scheduler, before `epochs`) or failed."""
-
-    def __init__(self, epochs: int, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.epochs = epochs
-
-    def log_trial_start(self, trial: Any) -> None:
-        """Params once; when PBT restarts a trial with perturbed hyperparameters, log them as `config.*` metrics."""
-        if trial not in self._trial_runs:
-            super().log_trial_start(trial)
-            return
-        step = (trial.last_result or {}).get("training_iteration", 0)
-        numbers = {f"config.{k}": float(v) for k, v in trial.config.items() if isinstance(v, int | float)}
-        self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=numbers, step=step)
-
-    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
-        epochs = (trial.last_result or {}).get("training_iteration", 0)
-        state = "failed" if failed else "stopped_early" if epochs < self.epochs else "completed"
-        MlflowClient(self.tracking_uri).set_tag(self._trial_runs[trial], "kiln.trial_state", state)
-        super().log_trial_end(trial, failed)

@@ -30,11 +30,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def to_dataset(images: np.ndarray, labels: np.ndarray) -> TensorDataset:
+    """In-memory uint8 images, converted once to float32 in [0, 1], with their labels."""
+    return TensorDataset(torch.from_numpy(to_float(images)), torch.tensor(labels))
+
+
 def make_loader(images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    """A DataLoader over in-memory uint8 images, converted once to float32 in [0, 1]."""
-    dataset = TensorDataset(torch.from_numpy(to_float(images)), torch.tensor(labels))
+    """A DataLoader over `to_dataset(images, labels)`, shuffled by `seed` when `shuffle`."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+    return DataLoader(to_dataset(images, labels), batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
 def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -1,4 +1,5 @@
-"""What a Ray Tune trial runs: a single-process training loop, or a Ray Train TorchTrainer it drives."""
+"""What a Ray Tune trial runs (a single-process training loop, or a Ray Train TorchTrainer it drives) and how its
+end is recorded in MLflow."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ from typing import Any
 import ray.train
 import ray.train.torch
 import torch
+from mlflow import MlflowClient
 from ray import tune
+from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from kiln.distributed import train_worker
+from kiln.distributed import CHECKPOINT_FILE, read_state, train_worker
 from kiln.models import build_model
 from kiln.training import evaluate, make_loader, make_optimizer, seed_everything, train_epoch
 
-STATE_FILE = "trial.pt"
 OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay")
 
 
@@ -29,8 +31,7 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: d
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
         return 1
-    with checkpoint.as_directory() as folder:
-        state = torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)
+    state = read_state(checkpoint)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     for group in optimizer.param_groups:
@@ -52,7 +53,7 @@ def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dic
         val = evaluate(model, val_loader)
         with tempfile.TemporaryDirectory() as folder:
             torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
-                       Path(folder) / STATE_FILE)
+                       Path(folder) / CHECKPOINT_FILE)
             tune.report({"epoch": epoch, "train_loss": fit.loss, "train_accuracy": fit.accuracy, "val_loss": val.loss,
                          "val_accuracy": val.accuracy, "node_id": ray.get_runtime_context().get_node_id()},
                         checkpoint=tune.Checkpoint.from_directory(folder))
@@ -73,3 +74,30 @@ def distributed_trial(config: dict[str, Any], data: dict[str, Any], spec: dict[s
         ),
     )
     trainer.fit()
+
+
+def trial_state(failed: bool, epochs_reached: int, epochs: int) -> str:
+    """How a trial ended: failed, stopped_early (by the scheduler, before `epochs`) or completed."""
+    return "failed" if failed else "stopped_early" if epochs_reached < epochs else "completed"
+
+
+class TrialTracker(MLflowLoggerCallback):
+    """Ray's MLflow callback (a child run per trial), also tagging how each trial ended as `kiln.trial_state`."""
+
+    def __init__(self, epochs: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.epochs = epochs
+
+    def log_trial_start(self, trial: Any) -> None:
+        """Params once; when PBT restarts a trial with perturbed hyperparameters, log them as `config.*` metrics."""
+        if trial not in self._trial_runs:
+            super().log_trial_start(trial)
+            return
+        step = (trial.last_result or {}).get("training_iteration", 0)
+        numbers = {f"config.{k}": float(v) for k, v in trial.config.items() if isinstance(v, int | float)}
+        self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=numbers, step=step)
+
+    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
+        state = trial_state(failed, (trial.last_result or {}).get("training_iteration", 0), self.epochs)
+        MlflowClient(self.tracking_uri).set_tag(self._trial_runs[trial], "kiln.trial_state", state)
+        super().log_trial_end(trial, failed)

@@ -19,8 +19,8 @@ from kiln.errors import InputError
 from kiln.io import atomic_path, write_json
 from kiln.models import build_model
 from kiln.plots import save_best_so_far, save_hyperparameter_scatter
-from kiln.tracking import TrialTracker, close_stale_runs, data_hash, lineage_tags, use_experiment
-from kiln.trials import distributed_trial, single_process_trial
+from kiln.tracking import close_stale_runs, data_hash, lineage_tags, use_experiment
+from kiln.trials import TrialTracker, distributed_trial, single_process_trial, trial_state
 
 FIXED_KEYS = ("lr", "momentum", "weight_decay", "batch_size", "seed")
 
@@ -49,8 +49,7 @@ def trial_table(results: tune.ResultGrid, settings: TuneParams) -> pd.DataFrame:
     for result in results:
         metrics, history = result.metrics or {}, result.metrics_dataframe
         epochs = 0 if history is None else len(history)  # trained here; a PBT clone starts from another's epoch
-        reached = metrics.get("training_iteration", 0)
-        state = "failed" if result.error else "stopped_early" if reached < settings.epochs else "completed"
+        state = trial_state(bool(result.error), metrics.get("training_iteration", 0), settings.epochs)
         rows.append({"trial_id": metrics.get("trial_id", Path(result.path).name), "state": state, "epochs": epochs,
                      **{key: result.config[key] for key in settings.search_space},
                      settings.metric: metrics.get(settings.metric, float("nan")),
