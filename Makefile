@@ -4,7 +4,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup dataset run flow deploy test lint
+.PHONY: setup dataset browser run flow deploy test lint
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -20,6 +20,12 @@ dataset:
 	  $(SUDO) apt-get install -y -qq dataset-fashion-mnist; } || \
 	  echo "warning: could not install dataset-fashion-mnist; prepare will try to download Fashion-MNIST"
 
+# Debian's Chromium for the MLflow UI test (tests/test_mlflow_ui.py drives it with Playwright; no browser download).
+# Without it that test would skip, so a failed install fails `make test`.
+browser:
+	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
 run: setup dataset
 	dvc repro
 	dvc metrics show
@@ -27,7 +33,7 @@ run: setup dataset
 flow: setup dataset
 	python -m flows.pipeline
 
-test: setup dataset
+test: setup dataset browser
 	pytest
 
 lint: setup

@@ -13,10 +13,12 @@ def connect() -> None:
     """Start (or join) Ray once per process; quiet, no dashboard for the local case."""
     if ray.is_initialized():
         return
+    # Ray's own INFO lines (one per reported result on every Train worker) would bury kiln's progress lines.
+    quiet = ray.LoggingConfig(log_level="WARNING")
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
+        ray.init(log_to_driver=True, logging_config=quiet)
     else:  # a new local instance, even when `ray start` left a cluster running on this machine
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_config=quiet)
 
 
 def require_cpus(needed: float, what: str) -> None:

@@ -1,18 +1,19 @@
-"""Compression algorithms on kiln's LeNet (plain PyTorch): magnitude pruning, channel pruning, distillation, and the
-policy that picks the deployable variant. Models are `nn.Sequential(Normalize, LeNet)` as `build_model` makes them."""
+"""Compression algorithms (plain PyTorch): magnitude pruning, channel pruning, distillation, and the policy that picks
+the deployable variant. Models are `nn.Sequential(Normalize, net)` as `build_model` makes them; channel pruning and
+distillation build thinner copies of plain CNNs (lenet, compact)."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader
 
-from kiln.models import LeNet
-from kiln.training import Loss, make_optimizer, train_epoch
+from kiln.models import PLAIN_CNNS, PlainCNN
+from kiln.training import Loss, Recipe, make_optimizer, train_epoch
 
 MOMENTUM = 0.9
 
@@ -33,9 +34,9 @@ def sparsity(model: nn.Module) -> float:
 
 def fine_tune(model: nn.Module, loader: DataLoader, epochs: int, lr: float, loss_fn: Loss | None = None) -> nn.Module:
     """Train `model` in place for `epochs` with SGD (Nesterov momentum, no weight decay); returns it in eval mode."""
-    optimizer = make_optimizer(model, lr, MOMENTUM, weight_decay=0.0)
+    optimizer = make_optimizer(model, Recipe(lr=lr, momentum=MOMENTUM, weight_decay=0.0))
     for _ in range(epochs):
-        train_epoch(model, loader, optimizer, loss_fn)
+        train_epoch(model, loader, optimizer, loss_fn=loss_fn)
     return model.eval()
 
 
@@ -51,24 +52,12 @@ def magnitude_prune(model: nn.Module, amount: float, loader: DataLoader, epochs:
     return pruned
 
 
-def _lenet(model: nn.Module) -> LeNet:
+def _plain(model: nn.Module) -> PlainCNN:
     net = model[1]
-    if not isinstance(net, LeNet):
-        raise TypeError(f"expected Sequential(Normalize, LeNet), got {type(net).__name__} after the normalisation")
+    if not isinstance(net, PlainCNN):
+        raise TypeError(f"channel pruning and distillation need a plain CNN ({', '.join(PLAIN_CNNS)}), "
+                        f"not {type(net).__name__}")
     return net
-
-
-def _widths(net: LeNet) -> tuple[int, int, int, int]:
-    return (net.features[0].out_channels, net.features[3].out_channels, net.classifier[1].out_features,
-            net.classifier[3].out_features)
-
-
-def _thinner(model: nn.Module, widths: Sequence[int]) -> nn.Sequential:
-    """A freshly initialised LeNet with `widths`, taking the same images and classes as `model`, same normalisation."""
-    net = _lenet(model)
-    side = round((net.classifier[1].in_features / net.features[3].out_channels) ** 0.5)
-    thin = LeNet(net.features[0].in_channels, net.classifier[-1].out_features, side * 4, widths)
-    return nn.Sequential(copy.deepcopy(model[0]), thin)
 
 
 def _strongest(conv: nn.Conv2d, keep: float) -> torch.Tensor:
@@ -78,20 +67,28 @@ def _strongest(conv: nn.Conv2d, keep: float) -> torch.Tensor:
 
 
 def channel_prune(model: nn.Module, keep: float, loader: DataLoader, epochs: int, lr: float) -> nn.Module:
-    """A smaller LeNet: each conv keeps its `keep` fraction of output channels with the largest L1 norm, the next conv
-    and the first linear layer keep the matching inputs; then fine-tuned."""
-    net = _lenet(model)
-    keep1, keep2 = _strongest(net.features[0], keep), _strongest(net.features[3], keep)
-    small = _thinner(model, (len(keep1), len(keep2), *_widths(net)[2:]))
-    area = net.classifier[1].in_features // net.features[3].out_channels  # Flatten is channel-major
-    columns = (keep2[:, None] * area + torch.arange(area)).flatten()
-    state = net.state_dict()
-    state.update({
-        "features.0.weight": state["features.0.weight"][keep1], "features.0.bias": state["features.0.bias"][keep1],
-        "features.3.weight": state["features.3.weight"][keep2][:, keep1],
-        "features.3.bias": state["features.3.bias"][keep2],
-        "classifier.1.weight": state["classifier.1.weight"][:, columns],
-    })
+    """A smaller plain CNN: each conv keeps its `keep` fraction of output channels with the largest L1 norm; its
+    batch norm, the next conv and the first linear layer keep the matching entries; then fine-tuned."""
+    net = _plain(model)
+    state, kept, widths = net.state_dict(), torch.arange(net.arguments["in_channels"]), []
+    for index, layer in enumerate(net.features):
+        prefix = f"features.{index}."
+        if isinstance(layer, nn.Conv2d):
+            channels = _strongest(layer, keep)
+            state[prefix + "weight"] = state[prefix + "weight"][channels][:, kept]
+            if layer.bias is not None:
+                state[prefix + "bias"] = state[prefix + "bias"][channels]
+            kept = channels
+            widths.append(len(channels))
+        elif isinstance(layer, nn.BatchNorm2d):
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                state[prefix + name] = state[prefix + name][kept]
+    index, linear = next((i, layer) for i, layer in enumerate(net.classifier) if isinstance(layer, nn.Linear))
+    convs = [layer for layer in net.features if isinstance(layer, nn.Conv2d)]
+    area = linear.in_features // convs[-1].out_channels  # Flatten is channel-major
+    columns = (kept[:, None] * area + torch.arange(area)).flatten()
+    state[f"classifier.{index}.weight"] = state[f"classifier.{index}.weight"][:, columns]
+    small = nn.Sequential(copy.deepcopy(model[0]), net.with_widths([*widths, *net.widths[len(widths):]]))
     small[1].load_state_dict(state)
     return fine_tune(small, loader, epochs, lr)
 
@@ -99,9 +96,11 @@ def channel_prune(model: nn.Module, keep: float, loader: DataLoader, epochs: int
 def distill(
     teacher: nn.Module, width: float, loader: DataLoader, epochs: int, lr: float, temperature: float, alpha: float
 ) -> nn.Module:
-    """A student LeNet with `width` times the teacher's layer widths, trained from scratch on
+    """A student with `width` times the teacher's layer widths (same plain CNN family), trained from scratch on
     alpha * T^2 * KL(teacher || student, both softened by temperature T) + (1 - alpha) * cross-entropy."""
-    student = _thinner(teacher, [max(1, round(size * width)) for size in _widths(_lenet(teacher))])
+    net = _plain(teacher)
+    student = nn.Sequential(copy.deepcopy(teacher[0]),
+                            net.with_widths([max(1, round(size * width)) for size in net.widths]))
     teacher.eval()
 
     def loss(logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

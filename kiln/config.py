@@ -17,8 +17,9 @@ from kiln.errors import InputError
 from kiln.io import atomic_path
 
 DATASETS = ("fashion_mnist", "digits", "cifar10")
-MODELS = ("lenet",)
-TUNABLE_TRAIN_KEYS = ("lr", "momentum", "weight_decay", "batch_size")
+IMAGE_SIDES = {"fashion_mnist": 28, "digits": 8, "cifar10": 32}
+MODELS = ("lenet", "compact", "resnet")  # or torchvision:<name>, checked against torchvision when training starts
+TUNABLE_TRAIN_KEYS = ("lr", "momentum", "weight_decay", "batch_size", "label_smoothing", "dropout")
 COMPRESS_VARIANTS = ("fp32", "int8", "pruned", "pruned_int8", "channel_pruned", "channel_pruned_int8", "distilled",
                      "distilled_int8")  # `X_int8` is X exported, then int8-quantized
 
@@ -44,26 +45,92 @@ class PrepareParams(Strict):
     seed: int
 
 
+class AugmentParams(Strict):
+    """Training-time augmentation for one dataset (see kiln.augment); all off by default."""
+
+    crop_padding: int = Field(0, ge=0, description="Random crop of the zero-padded image (pixels per side).")
+    hflip: bool = False
+    rotation: float = Field(0.0, ge=0, le=180, description="Degrees.")
+    translate: float = Field(0.0, ge=0, lt=0.5, description="Fraction of the side.")
+    scale: float = Field(0.0, ge=0, lt=1, description="Zoom in [1 - scale, 1 + scale].")
+    erasing: float = Field(0.0, ge=0, le=1, description="Probability of erasing a random rectangle.")
+
+
+class EarlyStoppingParams(Strict):
+    metric: Literal["val_accuracy", "val_loss"] = "val_accuracy"
+    patience: int = Field(0, ge=0, description="Epochs without improvement before stopping; 0 = never stop early.")
+    min_delta: float = Field(0.0, ge=0)
+
+
+class AdversarialParams(Strict):
+    method: Literal["none", "fgsm", "pgd"] = "none"
+    epsilon: float = Field(0.03, gt=0, le=1, description="L-inf radius in pixel units ([0, 1]).")
+    ratio: float = Field(0.5, ge=0, le=1, description="Fraction of each batch replaced by adversarial examples.")
+    pgd_steps: int = Field(3, ge=1)
+
+
 class TrainParams(Strict):
-    model: Literal["lenet"]
+    model: str = Field(description="lenet | compact | resnet | torchvision:<name>")
+    dropout: float = Field(ge=0, lt=1)
+    weights: Path | None = Field(description="A local state_dict to start from; nothing is downloaded.")
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
+    optimizer: Literal["sgd", "adamw"]
     lr: float = Field(gt=0)
     momentum: float = Field(ge=0, lt=1)
     weight_decay: float = Field(ge=0)
+    schedule: Literal["constant", "onecycle", "cosine"]
+    warmup_epochs: float = Field(ge=0, description="cosine: linear warm-up over this many epochs.")
+    label_smoothing: float = Field(ge=0, lt=1)
+    early_stopping: EarlyStoppingParams
+    adversarial: AdversarialParams
+    augmentation: dict[str, AugmentParams] = Field(description="Per dataset; the prepared dataset's entry applies.")
     num_workers: int = Field(ge=1)
+    cpus_per_worker: int = Field(ge=1, description="Torch threads of each Ray Train worker.")
     max_failures: int = Field(ge=0, description="Restarts from the latest checkpoint when a worker dies.")
     use_gpu: bool
+    amp: Literal["none", "bf16", "fp16"] = Field(description="Mixed precision, CUDA only.")
+    channels_last: bool = Field(description="NHWC memory format, CUDA only.")
+    storage_path: str = Field(min_length=1, description="Ray Train checkpoints: a local folder or a cloud URI.")
     use_tuned: bool = Field(description="Take the tuned keys from the tune stage's best config.")
     seed: int
 
-    @field_validator("num_workers")
+    @field_validator("model")
     @classmethod
-    def _fits_local_cpus(cls, value: int) -> int:
-        cpus = local_cpu_limit()
-        if cpus is not None and value > cpus:
-            raise ValueError(f"{value} Ray workers need {value} CPUs but this machine has {cpus}; allowed: 1..{cpus}")
+    def _known_model(cls, value: str) -> str:
+        if value not in MODELS and not (value.startswith("torchvision:") and len(value) > len("torchvision:")):
+            raise ValueError(f"unknown model; allowed: {', '.join(MODELS)} or torchvision:<name>")
         return value
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_exist(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"{value}: no such file (weights are read locally, never downloaded)")
+        return value
+
+    @field_validator("augmentation")
+    @classmethod
+    def _known_datasets(cls, value: dict[str, AugmentParams]) -> dict[str, AugmentParams]:
+        unknown = sorted(set(value) - set(DATASETS))
+        if unknown:
+            raise ValueError(f"unknown datasets {unknown}; allowed: {', '.join(DATASETS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _coherent(self) -> TrainParams:
+        gpu_only = [key for key, on in (("amp", self.amp != "none"), ("channels_last", self.channels_last)) if on]
+        if gpu_only and not self.use_gpu:
+            raise ValueError(f"{' and '.join(gpu_only)} {'need' if len(gpu_only) > 1 else 'needs'} use_gpu: true "
+                             "(CUDA only)")
+        if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs ({self.warmup_epochs}) must be below epochs ({self.epochs})")
+        cpus = local_cpu_limit()
+        needed = self.num_workers * self.cpus_per_worker
+        if cpus is not None and not self.use_gpu and needed > cpus:
+            raise ValueError(f"{self.num_workers} Ray workers x {self.cpus_per_worker} CPUs need {needed} CPUs but "
+                             f"this machine has {cpus}; allowed: num_workers x cpus_per_worker <= {cpus}")
+        return self
 
 
 class SearchDimension(Strict):
@@ -158,7 +225,7 @@ class CompressParams(Strict):
     latency_repeats: int = Field(ge=1)
     sparsity: float = Field(ge=0, lt=1, description="pruned: fraction of conv and linear weights set to zero.")
     channel_keep: float = Field(gt=0, le=1, description="channel_pruned: fraction of each conv's channels kept.")
-    student_width: float = Field(gt=0, le=1, description="distilled: the student's layer widths over LeNet's.")
+    student_width: float = Field(gt=0, le=1, description="distilled: the student's widths over the trained model's.")
     distill_temperature: float = Field(gt=0)
     distill_alpha: float = Field(ge=0, le=1, description="Weight of the soft-target (KL) loss; the rest is CE.")
     distill_epochs: int = Field(ge=1)
@@ -191,6 +258,23 @@ class EvaluateParams(Strict):
     gate_metric: Literal["test_accuracy", "test_macro_f1"]
     gate_margin: float = Field(ge=0, lt=1, description="Required improvement over the champion, in metric units.")
     gate_alpha: float = Field(gt=0, lt=1, description="Significance level of McNemar's test on paired predictions.")
+    fgsm_epsilons: list[float] = Field([0.05, 0.1], min_length=1, description="FGSM L-inf radii, in pixel units.")
+    pgd_epsilons: list[float] = Field([0.05], min_length=1, description="PGD L-inf radii, in pixel units.")
+    pgd_steps: int = Field(5, ge=1)
+    noise_sigmas: list[float] = Field([0.1, 0.2], min_length=1, description="Gaussian pixel-noise std deviations.")
+    robustness_samples: int = Field(1000, ge=1, description="Robustness runs on a stratified test subset this big.")
+    calibration_bins: int = Field(15, ge=2, description="Equal-width confidence bins of ECE and the reliability plot.")
+    explain_steps: int = Field(32, ge=1, description="Integrated Gradients: steps of the path integral.")
+
+    @field_validator("fgsm_epsilons", "pgd_epsilons", "noise_sigmas")
+    @classmethod
+    def _pixel_scale(cls, values: list[float]) -> list[float]:
+        outside = [value for value in values if not 0 < value <= 1]
+        if outside:
+            raise ValueError(f"{outside} outside (0, 1]: pixels are in [0, 1]")
+        if len(set(values)) < len(values):
+            raise ValueError("lists a value twice")
+        return values
 
 
 class Params(Strict):
@@ -199,6 +283,21 @@ class Params(Strict):
     train: TrainParams
     compress: CompressParams
     evaluate: EvaluateParams
+
+    @model_validator(mode="after")
+    def _across_sections(self) -> Params:
+        dataset, side = self.prepare.dataset, IMAGE_SIDES[self.prepare.dataset]
+        augment = self.train.augmentation.get(dataset)
+        if augment is None:
+            raise ValueError(f"train.augmentation has no entry for prepare.dataset {dataset!r} (an empty {{}} is none)")
+        if augment.hflip and dataset == "digits":
+            raise ValueError("train.augmentation.digits.hflip: a mirrored digit is a different symbol; set it false")
+        if 2 * augment.crop_padding >= side:
+            raise ValueError(f"train.augmentation.{dataset}.crop_padding ({augment.crop_padding}) would shift "
+                             f"{side}-pixel images by half their side or more; use at most {(side - 1) // 2}")
+        if self.tune.scheduler == "pbt" and self.train.schedule != "constant":
+            raise ValueError("tune.scheduler: pbt perturbs the learning rate mid-run; set train.schedule: constant")
+        return self
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
@@ -219,6 +318,8 @@ def _describe(error: Mapping[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{key}: missing; this key is required"
     message = error["msg"].removeprefix("Value error, ")
+    if not key:  # a check across sections names its keys itself
+        return message
     return f"{key}: {message}" if isinstance(error["input"], Mapping) else f"{key}: {message} (got {error['input']!r})"
 
 

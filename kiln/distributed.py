@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -17,7 +18,16 @@ from mlflow.entities import Metric
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kiln.models import build_model
-from kiln.training import evaluate, make_loader, make_optimizer, seed_everything, to_dataset, train_epoch
+from kiln.training import (
+    EarlyStopping,
+    evaluate,
+    make_loader,
+    make_optimizer,
+    make_scheduler,
+    seed_everything,
+    to_dataset,
+    train_epoch,
+)
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -28,21 +38,15 @@ def read_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
         return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
-def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, list[dict]]:
-    """Resume from Ray Train's latest checkpoint (after a worker failure); returns (next epoch, history)."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 1, []
-    state = read_state(checkpoint)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if ray.train.get_context().get_world_rank() == 0:
-        print(f"train: resuming after epoch {state['epoch']} from {checkpoint.path}", flush=True)
-    return state["epoch"] + 1, state["history"]
+def write_state(folder: str, state: dict[str, Any]) -> str:
+    """Save `state` as a kiln checkpoint in `folder`; returns the folder."""
+    torch.save(state, Path(folder) / CHECKPOINT_FILE)
+    return folder
 
 
 def _shuffled_loader(data: dict[str, Any], batch_size: int, seed: int, rank: int, world: int) -> DataLoader:
-    """This worker's shard of the training set, reshuffled by (seed, epoch) once `set_epoch` is called."""
+    """This worker's shard of the training set, reshuffled by (seed, epoch) once `set_epoch` is called; Ray's
+    preparation moves its batches to the worker's device."""
     dataset = to_dataset(data["x_train"], data["y_train"])
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     return ray.train.torch.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, sampler=sampler))
@@ -58,64 +62,100 @@ def _worker_nodes(world: int) -> list[str]:
     return nodes
 
 
+def _progress(epoch: int, epochs: int, metrics: dict[str, float], seconds: float) -> str:
+    return (f"train: epoch {epoch}/{epochs} loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f} "
+            f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.4f} "
+            f"{metrics['images_per_second']:.0f} img/s ETA {seconds * (epochs - epoch):.0f}s")
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker; rank 0 alone prints, logs to MLflow (given a run id) and writes checkpoints.
 
-    Randomness is re-seeded from (seed, epoch, rank) at every epoch, so a run resumed from a checkpoint after a
-    worker died continues exactly as the uninterrupted run would have.
+    A checkpoint holds the model, optimiser, scheduler (and fp16 grad scaler), epoch, history and early-stopping
+    state. The RNG state is a function of (seed, epoch, rank): it is re-seeded at every epoch, so a run resumed from
+    a checkpoint after a worker died continues exactly as the uninterrupted run would have.
     """
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     seed_everything(config["seed"])
-    data = ray.get(config["data"])
-    hp = config["hyperparameters"]
+    data, recipe, epochs = ray.get(config["data"]), config["recipe"], config["epochs"]
     model = build_model(**config["spec"])
-    optimizer = make_optimizer(model, hp["lr"], hp["momentum"], hp["weight_decay"])
-    start_epoch, history = _restore(model, optimizer)
-    model = ray.train.torch.prepare_model(model)
-    train_loader = _shuffled_loader(data, max(1, int(hp["batch_size"]) // world), config["seed"], rank, world)
+    if config.get("initial_state") is not None:
+        model.load_state_dict(ray.get(config["initial_state"]))
+    train_loader = _shuffled_loader(data, max(1, config["batch_size"] // world), config["seed"], rank, world)
     val_loader = ray.train.torch.prepare_data_loader(make_loader(data["x_val"], data["y_val"], 512, False, 0))
+    device = ray.train.torch.get_device()
+    if recipe.channels_last:
+        model = model.to(device, memory_format=torch.channels_last)
+    optimizer = make_optimizer(model.to(device), recipe)
+    scheduler = make_scheduler(optimizer, recipe, epochs, len(train_loader))
+    scaler = torch.amp.GradScaler(device.type) if recipe.amp == "fp16" else None
+    stopper = EarlyStopping(**config["early_stopping"])
+    history: list[dict[str, float]] = []
+    best_model = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:  # a worker died: the group restarts from the latest epoch
+        state = read_state(checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        for part, saved in ((scheduler, state["scheduler"]), (scaler, state["scaler"])):
+            if part is not None:
+                part.load_state_dict(saved)
+        history, best_model, stopper = state["history"], state["best_model"], EarlyStopping(**state["early_stopping"])
+        if rank == 0:
+            print(f"train: resuming after epoch {state['epoch']} from {checkpoint.path}", flush=True)
+    model = ray.train.torch.prepare_model(model)
     nodes = _worker_nodes(world)
     client = MlflowClient(config["tracking_uri"]) if rank == 0 and config.get("mlflow_run_id") else None
-    epochs = config["epochs"]
-    for epoch in range(start_epoch, epochs + 1):
+    for epoch in range(len(history) + 1, epochs + 1):
         seed_everything(config["seed"] + 1000 * epoch + rank)
         train_loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
-        fit = train_epoch(model, train_loader, optimizer)
+        fit = train_epoch(model, train_loader, optimizer, recipe, scheduler, scaler=scaler)
         seconds = time.perf_counter() - started
         val = evaluate(model, val_loader)
         metrics = {"epoch": epoch, "train_loss": fit.loss, "train_accuracy": fit.accuracy, "val_loss": val.loss,
-                   "val_accuracy": val.accuracy, "images_per_second": fit.images / seconds}
+                   "val_accuracy": val.accuracy, "images_per_second": fit.images / seconds,
+                   "lr": optimizer.param_groups[0]["lr"]}
         history.append(metrics)
-        checkpoint = None
+        stop = stopper.update(metrics)
+        module = model.module if hasattr(model, "module") else model
+        if stopper.best_epoch == epoch:
+            best_model = {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
         with tempfile.TemporaryDirectory() as folder:
+            saved = None
             if rank == 0:
-                eta = seconds * (epochs - epoch)
-                print(f"train: epoch {epoch}/{epochs} loss {fit.loss:.4f} acc {fit.accuracy:.4f} "
-                      f"val_loss {val.loss:.4f} val_acc {val.accuracy:.4f} "
-                      f"{metrics['images_per_second']:.0f} img/s ETA {eta:.0f}s", flush=True)
+                print(_progress(epoch, epochs, metrics, seconds), flush=True)
                 if client:  # inside a tune trial, Tune's MLflow callback logs the reported metrics instead
                     now = int(time.time() * 1000)
                     client.log_batch(config["mlflow_run_id"], metrics=[
                         Metric(key, float(value), now, epoch) for key, value in metrics.items() if key != "epoch"])
-                module = model.module if hasattr(model, "module") else model
-                torch.save({"model": module.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                            "history": history, "worker_nodes": nodes}, Path(folder) / CHECKPOINT_FILE)
-                checkpoint = ray.train.Checkpoint.from_directory(folder)
-            ray.train.report({**metrics, "node_id": nodes[rank]}, checkpoint=checkpoint)
+                saved = ray.train.Checkpoint.from_directory(write_state(folder, {
+                    "model": module.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler else None,
+                    "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "history": history,
+                    "early_stopping": dataclasses.asdict(stopper), "best_model": best_model, "worker_nodes": nodes}))
+            ray.train.report({**metrics, "node_id": nodes[rank]}, checkpoint=saved)
+        if stop:
+            if rank == 0:
+                print(f"train: early stop after epoch {epoch}: no {stopper.metric} gain for {stopper.patience} "
+                      f"epochs; keeping epoch {stopper.best_epoch}'s weights", flush=True)
+            break
 
 
-def fit(config: dict[str, Any], num_workers: int, use_gpu: bool, storage_path: Path, name: str,
-        max_failures: int) -> dict[str, Any]:
-    """Run `train_worker` on `num_workers` Ray Train workers, restarting them from the latest checkpoint up to
-    `max_failures` times when one dies; returns the final checkpoint's state."""
+def fit(config: dict[str, Any], num_workers: int, cpus_per_worker: int, use_gpu: bool, storage_path: str,
+        name: str, max_failures: int) -> dict[str, Any]:
+    """Run `train_worker` on `num_workers` Ray Train workers (gloo on CPU, NCCL on GPU), restarting them from the
+    latest checkpoint in `storage_path` (a folder or a cloud URI) up to `max_failures` times when one dies; returns
+    the final checkpoint's state."""
     trainer = ray.train.torch.TorchTrainer(
         train_worker,
         train_loop_config=config,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage_path.resolve()),
+            name=name, storage_path=storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             logging_config=ray.train.LoggingConfig(log_level="WARNING"),

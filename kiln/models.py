@@ -1,11 +1,24 @@
-"""Model zoo: every network takes float32 NCHW pixels in [0, 1] and normalises inside itself."""
+"""Model zoo: every network takes float32 NCHW pixels in [0, 1] and normalises inside itself.
+
+`lenet` and `compact` are plain CNNs (`features` then `classifier`, both nn.Sequential) whose `widths` list their conv
+channels, then any hidden linear widths: compression builds thinner copies of them from those widths.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
+import torchvision
 from torch import nn
+
+from kiln.errors import InputError
+
+PLAIN_CNNS = ("lenet", "compact")
+ZOO = (*PLAIN_CNNS, "resnet")
+TORCHVISION_PREFIX = "torchvision:"
 
 
 class Normalize(nn.Module):
@@ -20,43 +33,188 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-LENET_WIDTHS = (6, 16, 120, 84)
+class PlainCNN(nn.Module):
+    """`features` then `classifier` (both nn.Sequential); `widths` lists the conv channels, then any hidden linear
+    widths. `with_widths` builds a freshly initialised copy of other widths (for pruning and distillation)."""
 
+    default_widths: tuple[int, ...] = ()
 
-class LeNet(nn.Module):
-    """LeNet-style CNN: conv 6 -> conv 16 -> fc 120 -> 84 -> classes, for any channel count and size >= 4.
-
-    `widths` (conv1, conv2, fc1, fc2) builds thinner variants: channel-pruned models and distillation students.
-    """
-
-    def __init__(
-        self, in_channels: int, num_classes: int, image_size: int, widths: Sequence[int] = LENET_WIDTHS
-    ) -> None:
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, widths: Sequence[int] | None = None,
+                 dropout: float = 0.0) -> None:
         super().__init__()
-        conv1, conv2, fc1, fc2 = widths
-        self.features = nn.Sequential(
-            nn.Conv2d(in_channels, conv1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(conv1, conv2, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-        )
-        side = image_size // 4
-        self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(conv2 * side * side, fc1), nn.ReLU(),
-            nn.Linear(fc1, fc2), nn.ReLU(), nn.Linear(fc2, num_classes),
-        )
+        self.widths = tuple(widths or self.default_widths)
+        self.arguments = dict(in_channels=in_channels, num_classes=num_classes, image_size=image_size, dropout=dropout)
+        self.features, self.classifier = self.layers(in_channels, num_classes, image_size, dropout)
+
+    def layers(self, in_channels: int, num_classes: int, image_size: int,
+               dropout: float) -> tuple[nn.Sequential, nn.Sequential]:
+        raise NotImplementedError
+
+    def with_widths(self, widths: Sequence[int]) -> PlainCNN:
+        return type(self)(**self.arguments, widths=widths)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
-def build_model(
-    name: str, in_channels: int, num_classes: int, image_size: int, mean: Sequence[float], std: Sequence[float]
-) -> nn.Module:
-    """Build model `name` for the given data shape, with normalisation as its first layer."""
-    if name == "lenet":
-        net = LeNet(in_channels, num_classes, image_size)
+class LeNet(PlainCNN):
+    """LeNet-style CNN: conv 6 -> conv 16 -> fc 120 -> 84 -> classes, for any channel count and size >= 4."""
+
+    default_widths = (6, 16, 120, 84)
+
+    def layers(self, in_channels: int, num_classes: int, image_size: int,
+               dropout: float) -> tuple[nn.Sequential, nn.Sequential]:
+        conv1, conv2, fc1, fc2 = self.widths
+        side = image_size // 4
+        return nn.Sequential(
+            nn.Conv2d(in_channels, conv1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(conv1, conv2, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        ), nn.Sequential(
+            nn.Flatten(), nn.Linear(conv2 * side * side, fc1), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(fc1, fc2), nn.ReLU(), nn.Dropout(dropout), nn.Linear(fc2, num_classes),
+        )
+
+
+def _conv_bn(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU()]
+
+
+class CompactCNN(PlainCNN):
+    """A CNN sized for CPUs: three 3x3 conv-BN-ReLU blocks, max-pooling after the first two (most compute runs at a
+    quarter of the resolution), then a flattening classifier with one hidden layer. Batch norm folds into the convs
+    at export, so the deployed graph is conv, ReLU, pool and two matrix products."""
+
+    default_widths = (16, 32, 64, 128)
+
+    def layers(self, in_channels: int, num_classes: int, image_size: int,
+               dropout: float) -> tuple[nn.Sequential, nn.Sequential]:
+        c1, c2, c3, hidden = self.widths
+        side = image_size // 4
+        return nn.Sequential(
+            *_conv_bn(in_channels, c1), nn.MaxPool2d(2),
+            *_conv_bn(c1, c2), nn.MaxPool2d(2),
+            *_conv_bn(c2, c3),
+        ), nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c3 * side * side, hidden), nn.ReLU(),
+                         nn.Dropout(dropout), nn.Linear(hidden, num_classes))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers with an identity (or 1x1 projection) shortcut."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(),
+            nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False), nn.BatchNorm2d(out_channels),
+        )
+        self.shortcut = nn.Identity() if stride == 1 and in_channels == out_channels else nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.relu(self.body(x) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """A CIFAR-style ResNet for 28x28/32x32 images: a 3x3 stem, three stages of `blocks` BasicBlocks (the second and
+    third halve the resolution), global average pooling. blocks=1 is ResNet-8, blocks=3 ResNet-20."""
+
+    default_widths = (16, 32, 64)
+
+    def __init__(self, in_channels: int, num_classes: int, image_size: int, widths: Sequence[int] | None = None,
+                 dropout: float = 0.0, blocks: int = 1) -> None:
+        super().__init__()
+        self.widths = tuple(widths or self.default_widths)
+        layers: list[nn.Module] = [nn.Conv2d(in_channels, self.widths[0], 3, padding=1, bias=False),
+                                   nn.BatchNorm2d(self.widths[0]), nn.ReLU()]
+        previous = self.widths[0]
+        for stage, width in enumerate(self.widths):
+            for index in range(blocks):
+                layers.append(BasicBlock(previous, width, 2 if stage > 0 and index == 0 else 1))
+                previous = width
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout),
+                                        nn.Linear(previous, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+def _replace(model: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent_name, _, child = dotted.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def torchvision_model(name: str, in_channels: int, num_classes: int, image_size: int, dropout: float) -> nn.Module:
+    """torchvision's `name`, untrained, adapted to small images with any channel count: the first conv takes
+    `in_channels` and, for images under 64 px, becomes a stride-1 3x3 conv and a stem max-pool is dropped; `dropout`
+    goes before the last linear layer, on top of any dropout the architecture has."""
+    if name not in torchvision.models.list_models(module=torchvision.models):
+        raise ValueError(f"unknown torchvision classification model {name!r}; "
+                         f"see torchvision.models.list_models(module=torchvision.models)")
+    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    stem_name, stem = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    head_name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    if dropout:
+        _replace(model, head_name, nn.Sequential(nn.Dropout(dropout), head))
+    small = image_size < 64
+    _replace(model, stem_name, nn.Conv2d(in_channels, stem.out_channels, 3 if small else stem.kernel_size,
+                                         1 if small else stem.stride, 1 if small else stem.padding, bias=False))
+    if small and isinstance(getattr(model, "maxpool", None), nn.MaxPool2d):
+        model.maxpool = nn.Identity()
+    return model
+
+
+def build_model(name: str, in_channels: int, num_classes: int, image_size: int, mean: Sequence[float],
+                std: Sequence[float], widths: Sequence[int] | None = None, dropout: float = 0.0) -> nn.Module:
+    """Build model `name` (see ZOO, or `torchvision:<name>`) for the given data shape, normalisation first."""
+    families = {"lenet": LeNet, "compact": CompactCNN, "resnet": SmallResNet}
+    if name in families:
+        net = families[name](in_channels, num_classes, image_size, widths, dropout)
+    elif name.startswith(TORCHVISION_PREFIX):
+        net = torchvision_model(name.removeprefix(TORCHVISION_PREFIX), in_channels, num_classes, image_size, dropout)
     else:
-        raise ValueError(f"unknown model {name!r}; allowed: lenet")
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(ZOO)} or {TORCHVISION_PREFIX}<name>")
     return nn.Sequential(Normalize(mean, std), net)
+
+
+def check_fits(model: nn.Module, in_channels: int, image_size: int, num_classes: int, name: str) -> None:
+    """Raise ValueError naming the model and the data shape when `model` cannot classify such images."""
+    try:
+        with torch.no_grad():
+            logits = model.eval()(torch.zeros(2, in_channels, image_size, image_size))
+    except RuntimeError as exc:
+        raise ValueError(f"model {name!r} cannot take {in_channels}x{image_size}x{image_size} images: {exc}") from None
+    if tuple(logits.shape) != (2, num_classes):
+        raise ValueError(f"model {name!r} gives logits shaped {tuple(logits.shape[1:])}, not ({num_classes},)")
+
+
+def model_spec(name: str, manifest: dict[str, Any], dropout: float) -> dict[str, Any]:
+    """build_model's arguments for the prepared data `manifest` describes; raises InputError naming `train.model` when
+    the model cannot classify those images."""
+    channels, side, _ = manifest["image_shape"]
+    spec = dict(name=name, in_channels=channels, num_classes=len(manifest["classes"]), image_size=side,
+                dropout=dropout, **manifest["normalization"])
+    try:
+        model = build_model(**spec)
+        check_fits(model, channels, side, spec["num_classes"], name)
+    except ValueError as exc:
+        raise InputError(f"train.model: {exc}") from None
+    widths = getattr(model[1], "widths", None)  # recorded, so a saved model outlives a change of default widths
+    return {**spec, "widths": None if widths is None else list(widths)}
+
+
+def load_weights(model: nn.Module, path: Path) -> list[str]:
+    """Start from a local state_dict (of the network, or of the whole model); tensors whose shape differs (an adapted
+    stem or head) keep their fresh initialisation. Returns the names of the skipped tensors."""
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    saved = saved.get("state_dict", saved)
+    target = model[1].state_dict()
+    saved = {key.removeprefix("1."): value for key, value in saved.items()}
+    usable = {key: value for key, value in saved.items() if key in target and target[key].shape == value.shape}
+    if not usable:
+        raise ValueError(f"{path}: no tensor matches the model's parameters (by name and shape)")
+    model[1].load_state_dict(usable, strict=False)
+    return sorted(set(target) - set(usable))
 
 
 def save_trained_model(path: str, model: nn.Module, spec: dict, extra: dict) -> None:

@@ -3,9 +3,9 @@ end is recorded in MLflow."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import ray.train
@@ -16,14 +16,27 @@ from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from kiln.distributed import CHECKPOINT_FILE, read_state, train_worker
+from kiln.distributed import read_state, train_worker, write_state
 from kiln.models import build_model
-from kiln.training import evaluate, make_loader, make_optimizer, seed_everything, train_epoch
+from kiln.training import (
+    Recipe,
+    apply_hyperparameters,
+    evaluate,
+    make_loader,
+    make_optimizer,
+    make_scheduler,
+    seed_everything,
+    train_epoch,
+)
 
-OPTIMIZER_KEYS = ("lr", "momentum", "weight_decay")
+
+def trial_recipe(recipe: Recipe, config: dict[str, Any]) -> Recipe:
+    """The stage's recipe with this trial's sampled values (lr, momentum, weight decay, label smoothing)."""
+    return dataclasses.replace(recipe, **{key: config[key] for key in config if key in Recipe.__dataclass_fields__})
 
 
-def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict[str, Any]) -> int:
+def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler | None, recipe: Recipe) -> int:
     """Load the trial's latest checkpoint (a resumed experiment, or a PBT exploit); returns the next epoch.
 
     The optimiser keeps its momentum buffers but takes this trial's hyperparameters, which PBT may have perturbed.
@@ -34,38 +47,44 @@ def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: d
     state = read_state(checkpoint)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    for group in optimizer.param_groups:
-        group.update({key: config[key] for key in OPTIMIZER_KEYS})
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    apply_hyperparameters(optimizer, recipe)
     return state["epoch"] + 1
 
 
-def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dict[str, Any], epochs: int) -> None:
+def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dict[str, Any], recipe: Recipe,
+                         epochs: int) -> None:
     """Train in this trial's process, reporting validation metrics and a checkpoint every epoch."""
     seed_everything(config["seed"])
-    model = build_model(**spec)
-    optimizer = make_optimizer(model, config["lr"], config["momentum"], config["weight_decay"])
+    recipe = trial_recipe(recipe, config)
+    model = build_model(**{**spec, "dropout": config["dropout"]})
+    optimizer = make_optimizer(model, recipe)
     train_loader = make_loader(data["x_train"], data["y_train"], int(config["batch_size"]), True, config["seed"])
     val_loader = make_loader(data["x_val"], data["y_val"], 512, False, config["seed"])
-    for epoch in range(_restore(model, optimizer, config), epochs + 1):
-        fit = train_epoch(model, train_loader, optimizer)
+    scheduler = make_scheduler(optimizer, recipe, epochs, len(train_loader))
+    for epoch in range(_restore(model, optimizer, scheduler, recipe), epochs + 1):
+        fit = train_epoch(model, train_loader, optimizer, recipe, scheduler)
         if not math.isfinite(fit.loss):
             raise FloatingPointError(f"training diverged at epoch {epoch} (loss {fit.loss}) with {config}")
         val = evaluate(model, val_loader)
         with tempfile.TemporaryDirectory() as folder:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch},
-                       Path(folder) / CHECKPOINT_FILE)
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                     "scheduler": scheduler.state_dict() if scheduler else None}
+            checkpoint = tune.Checkpoint.from_directory(write_state(folder, state))
             tune.report({"epoch": epoch, "train_loss": fit.loss, "train_accuracy": fit.accuracy, "val_loss": val.loss,
                          "val_accuracy": val.accuracy, "node_id": ray.get_runtime_context().get_node_id()},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
+                        checkpoint=checkpoint)
 
 
-def distributed_trial(config: dict[str, Any], data: dict[str, Any], spec: dict[str, Any], epochs: int, workers: int,
-                      cpus_per_worker: int, storage_path: str) -> None:
+def distributed_trial(config: dict[str, Any], data: dict[str, Any], spec: dict[str, Any], recipe: Recipe,
+                      epochs: int, workers: int, cpus_per_worker: int, storage_path: str) -> None:
     """Drive a Ray Train TorchTrainer with this trial's config; its rank-0 reports become the trial's results."""
     trainer = ray.train.torch.TorchTrainer(
         train_worker,
-        train_loop_config={"data": ray.put(data), "spec": spec, "epochs": epochs, "seed": config["seed"],
-                           "hyperparameters": {key: config[key] for key in (*OPTIMIZER_KEYS, "batch_size")}},
+        train_loop_config={"data": ray.put(data), "spec": {**spec, "dropout": config["dropout"]},
+                           "recipe": trial_recipe(recipe, config), "batch_size": int(config["batch_size"]),
+                           "epochs": epochs, "seed": config["seed"], "early_stopping": {"patience": 0}},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=f"{tune.get_context().get_experiment_name()}-{tune.get_context().get_trial_id()}",

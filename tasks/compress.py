@@ -1,7 +1,7 @@
 """Stage `compress`: build the compression variants params ask for, measure them side by side, pick the deployable.
 
 Float variants: `fp32` (the trained model), `pruned` (global magnitude pruning to `sparsity`, fine-tuned),
-`channel_pruned` (a thinner LeNet without each conv's lowest-L1 channels, fine-tuned) and `distilled` (a thinner
+`channel_pruned` (a thinner CNN without each conv's lowest-L1 channels, fine-tuned) and `distilled` (a thinner
 student trained on the model's softened logits); `X_int8` is X exported to ONNX and int8-quantized (`int8` is fp32's).
 Fine-tunes and distillation run in this process on a stratified subset of the training split.
 
@@ -13,6 +13,10 @@ is within `max_accuracy_drop_points` of fp32's (fp32 always qualifies).
 Writes models/model_{fp32,int8}.onnx, models/deployable.onnx and reports/compress/: metrics.json (numbers only),
 variants.json and variants.md (the table), selection.json (the chosen variant and why), tradeoff.png. All of them are
 written only if every step succeeds, so a failed run leaves the previous ones untouched.
+
+MLflow: a run `compress` (tag kiln.stage=compress, lineage tags) with the compress params, metrics.json's metrics and
+the reports, and a nested run per variant (run name and tag kiln.variant = the variant, kiln.stage=compress-variant)
+whose metrics have the same keys for every variant, so MLflow's compare view lines them up.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import mlflow
 import numpy as np
 import torch
 from torch import nn
@@ -33,10 +38,12 @@ from kiln.compression import channel_prune, count_parameters, distill, magnitude
 from kiln.compression import sparsity as weight_sparsity
 from kiln.config import CompressParams, Params
 from kiln.data import load_split, stratified_head, to_float
+from kiln.errors import InputError
 from kiln.io import atomic_path, write_json
-from kiln.models import load_trained_model
+from kiln.models import PLAIN_CNNS, load_trained_model
 from kiln.onnx_tools import export_onnx, measure_latency, onnx_runner, predict_batches, quantize_int8
 from kiln.plots import save_tradeoff
+from kiln.tracking import lineage_tags, use_experiment
 from kiln.training import make_loader, seed_everything
 
 SEED = 0  # calibration and fine-tune subsets, shuffling, student initialisation
@@ -56,6 +63,15 @@ def torch_runner(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 def float_source(variant: str) -> str:
     """The float variant `variant` is or quantizes: int8 -> fp32, pruned_int8 -> pruned, pruned -> pruned."""
     return "fp32" if variant == "int8" else variant.removesuffix("_int8")
+
+
+def training_inputs(settings: CompressParams, prepared_dir: Path) -> tuple[np.ndarray, DataLoader]:
+    """Calibration images (float32) and the fine-tune loader: stratified subsets of the training split."""
+    x_train, y_train = load_split(prepared_dir, "train")
+    calibration = to_float(x_train[stratified_head(y_train, settings.calibration_samples, SEED)])
+    subset = stratified_head(y_train, settings.finetune_samples, SEED)
+    return calibration, make_loader(x_train[subset], y_train[subset], settings.finetune_batch_size, shuffle=True,
+                                    seed=SEED)
 
 
 def build_float_models(model: nn.Module, params: CompressParams, loader: DataLoader) -> dict[str, nn.Module]:
@@ -104,41 +120,63 @@ def variants_markdown(rows: list[dict[str, Any]], selected: str, params: Compres
     return "\n".join(lines) + "\n\n" + rule + "\n"
 
 
+def log_runs(params: Params, prepared_dir: Path, rows: list[dict[str, Any]], selected: str,
+             metrics: dict[str, float], reports: list[Path]) -> None:
+    """The `compress` MLflow run (params, metrics, report files) and a nested run per variant with its row's numbers."""
+    use_experiment(params.evaluate.experiment)
+    tags = lineage_tags(params, prepared_dir)
+    with mlflow.start_run(run_name="compress", tags={**tags, "kiln.stage": "compress",
+                                                     "kiln.deployable_variant": selected}):
+        mlflow.log_params(params.compress.model_dump())
+        mlflow.log_metrics(metrics)
+        for report in reports:
+            mlflow.log_artifact(str(report))
+        for row in rows:
+            variant = row["variant"]
+            with mlflow.start_run(run_name=variant, nested=True, tags={**tags, "kiln.stage": "compress-variant",
+                                                                       "kiln.variant": variant}):
+                mlflow.log_params({"variant": variant, "float_source": float_source(variant)})
+                mlflow.log_metrics({key: float(value) for key, value in row.items() if key != "variant"})
+
+
 def compress(
-    params: CompressParams,
+    params: Params,
     model_path: Path = Path("models/model.pt"),
     prepared_dir: Path = Path("data/prepared"),
     models_dir: Path = Path("models"),
     report_dir: Path = Path("reports/compress"),
 ) -> dict[str, float]:
-    """Build, export and measure every variant, select the deployable one and write all outputs; returns metrics."""
-    model, _ = load_trained_model(str(model_path))
-    x_train, y_train = load_split(prepared_dir, "train")
+    """Build, export and measure every variant, select the deployable one, write all outputs and log them to MLflow;
+    returns the metrics."""
+    settings = params.compress
+    model, saved = load_trained_model(str(model_path))
+    thinned = [variant for variant in settings.variants if float_source(variant) in ("channel_pruned", "distilled")]
+    if thinned and saved["spec"]["name"] not in PLAIN_CNNS:
+        raise InputError(f"compress.variants: {thinned} build thinner copies of a plain CNN ({', '.join(PLAIN_CNNS)}); "
+                         f"the trained model is {saved['spec']['name']!r}")
+    calibration, loader = training_inputs(settings, prepared_dir)
     x_val, y_val = load_split(prepared_dir, "val")
-    calibration = to_float(x_train[stratified_head(y_train, params.calibration_samples, SEED)])
-    subset = stratified_head(y_train, params.finetune_samples, SEED)
-    loader = make_loader(x_train[subset], y_train[subset], params.finetune_batch_size, shuffle=True, seed=SEED)
     images = to_float(x_val)
-    big_batch = np.resize(images, (params.latency_batch_size, *images.shape[1:]))  # repeats val if it is smaller
-    floats = build_float_models(model, params, loader)
+    big_batch = np.resize(images, (settings.latency_batch_size, *images.shape[1:]))  # repeats val if it is smaller
+    floats = build_float_models(model, settings, loader)
 
     with tempfile.TemporaryDirectory(prefix="kiln-compress-") as tmp:
-        files = {variant: Path(tmp) / f"{variant}.onnx" for variant in (*floats, *params.variants)}
+        files = {variant: Path(tmp) / f"{variant}.onnx" for variant in (*floats, *settings.variants)}
         for name, net in floats.items():
             export_onnx(net, torch.from_numpy(images[:2]), files[name])
-        for variant in params.variants:
+        for variant in settings.variants:
             if variant != float_source(variant):
                 quantize_int8(files[float_source(variant)], files[variant], calibration)
         rows = []
-        for variant in params.variants:
+        for variant in settings.variants:
             source = floats[float_source(variant)]
             row = {"variant": variant, "onnx_bytes": files[variant].stat().st_size,
                    "parameters": count_parameters(source), "sparsity": weight_sparsity(source),
-                   **measure(onnx_runner(files[variant]), images, y_val, big_batch, params.latency_repeats)}
+                   **measure(onnx_runner(files[variant]), images, y_val, big_batch, settings.latency_repeats)}
             rows.append(row)
             print(f"compress: {variant:<20} val acc {row['val_accuracy']:.4f}  {row['onnx_bytes']:>10,} B  "
-                  f"{row['parameters']:>8,} params  b{params.latency_batch_size} p50 {row['batched_p50_ms']:.3f} ms")
-        eager = {name: measure(torch_runner(net), images, y_val, big_batch, params.latency_repeats)
+                  f"{row['parameters']:>8,} params  b{settings.latency_batch_size} p50 {row['batched_p50_ms']:.3f} ms")
+        eager = {name: measure(torch_runner(net), images, y_val, big_batch, settings.latency_repeats)
                  for name, net in floats.items() if name in ("fp32", "channel_pruned")}
 
         by_name = {row["variant"]: row for row in rows}
@@ -148,14 +186,14 @@ def compress(
                        speedup_vs_fp32=baseline["batched_p50_ms"] / row["batched_p50_ms"],
                        size_ratio_vs_fp32=baseline["onnx_bytes"] / row["onnx_bytes"])
         accuracy = {row["variant"]: row["val_accuracy"] for row in rows}
-        passing = qualified(accuracy, params.max_accuracy_drop_points)
+        passing = qualified(accuracy, settings.max_accuracy_drop_points)
         selected = select_deployable(accuracy, {row["variant"]: row["batched_p50_ms"] for row in rows},
-                                     params.max_accuracy_drop_points)
+                                     settings.max_accuracy_drop_points)
         for row in rows:
             row["qualifies"] = row["variant"] in passing
 
         metrics: dict[str, float] = {"model_pt_bytes": model_path.stat().st_size,
-                                     "latency_batch_size": params.latency_batch_size}
+                                     "latency_batch_size": settings.latency_batch_size}
         for row in rows:
             name = row["variant"]
             metrics.update({f"{name}_onnx_bytes": row["onnx_bytes"], f"{name}_parameters": row["parameters"],
@@ -178,11 +216,11 @@ def compress(
         selection = {
             "selected_variant": selected, "path": str(models_dir / "deployable.onnx"),
             "policy": "fastest at latency_batch_size (ONNX Runtime p50) within max_accuracy_drop_points of fp32",
-            "max_accuracy_drop_points": params.max_accuracy_drop_points, "qualified": passing,
+            "max_accuracy_drop_points": settings.max_accuracy_drop_points, "qualified": passing,
             **{key: chosen[key] for key in ("val_accuracy", "accuracy_drop_points", "batched_p50_ms",
                                             "speedup_vs_fp32", "size_ratio_vs_fp32")},
         }
-        table = variants_markdown(rows, selected, params)
+        table = variants_markdown(rows, selected, settings)
 
         targets = {"fp32": models_dir / "model_fp32.onnx", "int8": models_dir / "model_int8.onnx",
                    "deployable": models_dir / "deployable.onnx", "metrics": report_dir / "metrics.json",
@@ -193,12 +231,15 @@ def compress(
             for key, variant in (("fp32", "fp32"), ("int8", "int8"), ("deployable", selected)):
                 shutil.copyfile(files[variant], out[key])
             write_json(out["metrics"], metrics)
-            write_json(out["variants"], {"selected_variant": selected, "latency_batch_size": params.latency_batch_size,
-                                         "max_accuracy_drop_points": params.max_accuracy_drop_points,
+            write_json(out["variants"], {"selected_variant": selected,
+                                         "latency_batch_size": settings.latency_batch_size,
+                                         "max_accuracy_drop_points": settings.max_accuracy_drop_points,
                                          "variants": rows})
             out["markdown"].write_text(table)
             write_json(out["selection"], selection)
-            save_tradeoff(rows, selected, params.latency_batch_size, out["plot"])
+            save_tradeoff(rows, selected, settings.latency_batch_size, out["plot"])
+            log_runs(params, prepared_dir, rows, selected, metrics,
+                     [out[key] for key in ("metrics", "variants", "markdown", "selection", "plot")])
 
     print(table, end="")
     print(f"compress: deployable {selected} -> {targets['deployable']} (val acc {chosen['val_accuracy']:.4f}, "
@@ -208,4 +249,4 @@ def compress(
 
 def run(params: Params) -> dict[str, float]:
     """The stage as `python -m tasks compress` runs it."""
-    return compress(params.compress)
+    return compress(params)

@@ -13,31 +13,36 @@ import pandas as pd
 from ray import tune
 
 from kiln import cluster, search
-from kiln.config import Params, TuneParams
+from kiln.config import TUNABLE_TRAIN_KEYS, Params, TuneParams
 from kiln.data import load_split, read_manifest, stratified_head
 from kiln.errors import InputError
 from kiln.io import atomic_path, write_json
-from kiln.models import build_model
+from kiln.models import model_spec
 from kiln.plots import save_best_so_far, save_hyperparameter_scatter
 from kiln.tracking import close_stale_runs, data_hash, lineage_tags, use_experiment
+from kiln.training import Recipe, make_recipe
 from kiln.trials import TrialTracker, distributed_trial, single_process_trial, trial_state
 
-FIXED_KEYS = ("lr", "momentum", "weight_decay", "batch_size", "seed")
+FIXED_KEYS = (*TUNABLE_TRAIN_KEYS, "seed")
+TRIAL_KEYS = {"model", "dropout", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
+              "warmup_epochs", "label_smoothing", "adversarial", "augmentation", "seed"}  # what a trial depends on
 
 
 def experiment_name(params: Params, prepared_dir: Path) -> str:
     """Stable for the same tune settings, fixed train keys and data: an interrupted run resumes under it."""
-    identity = {"tune": params.tune.model_dump(mode="json"), "train": {k: getattr(params.train, k) for k in FIXED_KEYS},
-                "model": params.train.model, "data": data_hash(prepared_dir)}
+    identity = {"tune": params.tune.model_dump(mode="json"), "data": data_hash(prepared_dir),
+                "train": params.train.model_dump(mode="json", include=TRIAL_KEYS)}
     return "tune-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def make_trainable(settings: TuneParams, data: dict[str, np.ndarray], spec: dict[str, Any], storage: str) -> Any:
+def make_trainable(settings: TuneParams, data: dict[str, np.ndarray], spec: dict[str, Any], recipe: Recipe,
+                   storage: str) -> Any:
     """The trial function with its data and resources: a plain process, or a driver of a multi-worker TorchTrainer."""
     if settings.workers_per_trial == 1:
-        trainable = tune.with_parameters(single_process_trial, data=data, spec=spec, epochs=settings.epochs)
+        trainable = tune.with_parameters(single_process_trial, data=data, spec=spec, recipe=recipe,
+                                         epochs=settings.epochs)
         return tune.with_resources(trainable, {"cpu": settings.cpus_per_trial})
-    trainable = tune.with_parameters(distributed_trial, data=data, spec=spec, epochs=settings.epochs,
+    trainable = tune.with_parameters(distributed_trial, data=data, spec=spec, recipe=recipe, epochs=settings.epochs,
                                      workers=settings.workers_per_trial, cpus_per_worker=settings.cpus_per_trial,
                                      storage_path=storage)
     return tune.with_resources(trainable, {"cpu": 0, "memory": 1})  # the driver only waits; its workers hold the CPUs
@@ -84,10 +89,8 @@ def run(
     largest_batch = train.batch_size if batch is None else max(batch.values or [batch.high])
     if largest_batch > len(keep):
         raise InputError(f"tune: batch_size up to {largest_batch} exceeds the {len(keep)} images trials train on")
-    channels, side, _ = manifest["image_shape"]
-    spec = dict(name=train.model, in_channels=channels, num_classes=len(manifest["classes"]), image_size=side,
-                **manifest["normalization"])
-    build_model(**spec)  # a model that cannot take this data fails here, before Ray starts
+    spec = model_spec(train.model, manifest, train.dropout)  # a model that cannot take this data fails before Ray
+    recipe = make_recipe(train, params.prepare.dataset)
     space = {**{key: getattr(train, key) for key in FIXED_KEYS}, **search.param_space(settings)}
     name = experiment_name(params, prepared_dir)
     experiment_path = (storage_path / name).resolve()
@@ -100,7 +103,7 @@ def run(
     tags = {"kiln.stage": "tune", "kiln.tune_experiment": name, **lineage_tags(params, prepared_dir)}
     opened = dict(run_id=parent_id) if resuming else dict(run_name="tune", tags=tags)
     with mlflow.start_run(**opened) as parent:
-        trainable = make_trainable(settings, data, spec, str(storage_path.resolve()))
+        trainable = make_trainable(settings, data, spec, recipe, str(storage_path.resolve()))
         if resuming:
             print(f"tune: resuming interrupted experiment {experiment_path}")
             tuner = tune.Tuner.restore(str(experiment_path), trainable, resume_errored=True)

@@ -13,7 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+
+from kiln.models import build_model
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -28,8 +31,11 @@ TINY_PARAMS = {
         "search_space": {"lr": {"type": "loguniform", "low": 0.02, "high": 0.1}},
     },
     "train": {
-        "model": "lenet", "epochs": 6, "batch_size": 32, "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0001,
-        "num_workers": 2, "max_failures": 2, "use_gpu": False, "use_tuned": True, "seed": 0,
+        "model": "lenet", "dropout": 0.0, "weights": None, "epochs": 6, "batch_size": 32, "optimizer": "sgd",
+        "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0001, "schedule": "constant", "warmup_epochs": 0,
+        "label_smoothing": 0.0, "early_stopping": {"patience": 0}, "adversarial": {"method": "none"},
+        "augmentation": {"digits": {}}, "num_workers": 2, "cpus_per_worker": 1, "max_failures": 2, "use_gpu": False,
+        "amp": "none", "channels_last": False, "storage_path": "ray_results", "use_tuned": True, "seed": 0,
     },
     "compress": {
         "variants": ["fp32", "int8", "pruned", "pruned_int8", "channel_pruned", "channel_pruned_int8", "distilled",
@@ -44,6 +50,22 @@ TINY_PARAMS = {
         "gate_metric": "test_accuracy", "gate_margin": 0.0, "gate_alpha": 0.05,
     },
 }
+
+
+def train_lenet(spec: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.nn.Module:
+    """A model built from `spec`, trained for 8 epochs of plain SGD (batch 32, seed 0), in eval mode."""
+    import torch
+
+
+    torch.manual_seed(0)
+    model = build_model(**spec)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(8):
+        for batch in torch.randperm(len(labels)).split(32):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
+            optimizer.step()
+    return model.eval()
 
 
 GENERATED = ("dvc.lock", "reports/", "data/", "models/")  # a clone starts without pipeline outputs
@@ -138,3 +160,16 @@ def copy_repo(target: Path, params: dict) -> Path:
 @pytest.fixture(scope="session")
 def tiny_repo(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> Path:
     return copy_repo(tmp_path_factory.mktemp("repo"), TINY_PARAMS)
+
+
+STAGES = ["prepare", "tune", "train", "compress", "evaluate"]
+
+
+@pytest.fixture(scope="session")
+def reproduced(tiny_repo: Path) -> Path:
+    """The whole DAG through `dvc repro` in `tiny_repo`, once per session: the end-to-end and MLflow UI tests share
+    it (test_pipeline's later tests re-run and override stages, so they see its state as it was left)."""
+    result = run(["dvc", "repro"], cwd=tiny_repo, timeout=900)
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in result.stdout
+    return tiny_repo

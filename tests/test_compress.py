@@ -12,9 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 import yaml
+from mlflow import MlflowClient
 from sklearn.datasets import load_digits
 from torch import nn
 
@@ -27,17 +29,18 @@ from kiln.compression import (
     select_deployable,
     sparsity,
 )
-from kiln.config import COMPRESS_VARIANTS, CompressParams, ParamsError, validate_params
+from kiln.config import COMPRESS_VARIANTS, ParamsError, validate_params
 from kiln.data import MANIFEST, SPLITS, load_split, read_manifest, save_split, split_file, stratified_head, to_float
 from kiln.io import write_json
 from kiln.models import build_model, load_trained_model, save_trained_model
-from kiln.onnx_tools import export_onnx, predict_onnx, quantize_int8
+from kiln.onnx_tools import CHANNEL_MULTIPLE, export_onnx, predict_onnx, quantize_int8, session_options
 from kiln.training import make_loader, seed_everything
 from tasks.compress import compress
-from tests.conftest import TINY_PARAMS
+from tests.conftest import TINY_PARAMS, train_lenet
 
 REPO = Path(__file__).resolve().parents[1]
-PARAMS = CompressParams(**TINY_PARAMS["compress"])
+FULL_PARAMS = validate_params(TINY_PARAMS)
+PARAMS = FULL_PARAMS.compress
 
 
 @pytest.fixture(scope="module")
@@ -66,18 +69,10 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def model_path(prepared: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LeNet trained for a few epochs with a plain torch loop, saved as the train stage saves it."""
     spec = dict(name="lenet", in_channels=1, num_classes=10, image_size=8, **read_manifest(prepared)["normalization"])
-    torch.manual_seed(0)
-    model = build_model(**spec)
     x_train, y_train = load_split(prepared, "train")
-    images, labels = torch.from_numpy(to_float(x_train)), torch.from_numpy(y_train)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(8):
-        for batch in torch.randperm(len(labels)).split(32):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
-            optimizer.step()
+    model = train_lenet(spec, torch.from_numpy(to_float(x_train)), torch.from_numpy(y_train))
     path = tmp_path_factory.mktemp("trained") / "model.pt"
-    save_trained_model(str(path), model.eval(), spec, extra={})
+    save_trained_model(str(path), model, spec, extra={})
     return path
 
 
@@ -109,10 +104,31 @@ def accuracy(model: nn.Module, val: tuple[np.ndarray, np.ndarray]) -> float:
 
 @pytest.fixture(scope="module")
 def stage(prepared: Path, model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """One compress() run: its output root (models/, reports/) and returned metrics."""
+    """One compress() run from its output root (models/, reports/, MLflow's mlflow.db and mlartifacts/): the root and
+    the returned metrics."""
     root = tmp_path_factory.mktemp("stage")
-    metrics = compress(PARAMS, model_path, prepared, root / "models", root / "reports")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        metrics = compress(FULL_PARAMS, model_path, prepared, root / "models", root / "reports")
     return root, metrics
+
+
+def conv_weights(path: Path) -> list[onnx.TensorProto]:
+    """The quantized weight of each Conv of the QDQ model at `path` (the initializer its DequantizeLinear reads)."""
+    graph = onnx.load(str(path)).graph
+    weights = {tensor.name: tensor for tensor in graph.initializer}
+    dequantized = {node.output[0]: weights[node.input[0]] for node in graph.node
+                   if node.op_type == "DequantizeLinear" and node.input[0] in weights}
+    return [dequantized[node.input[1]] for node in graph.node if node.op_type == "Conv"]
+
+
+def optimized_ops(path: Path, tmp_path: Path) -> list[str]:
+    """The op types ONNX Runtime runs for the model at `path`, after its graph optimisations."""
+    options = session_options()
+    options.optimized_model_filepath = str(tmp_path / f"{path.stem}_optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
 
 
 def test_export_matches_torch(model_path: Path, val: tuple[np.ndarray, np.ndarray], fp32_onnx: Path) -> None:
@@ -128,13 +144,42 @@ def test_export_matches_torch(model_path: Path, val: tuple[np.ndarray, np.ndarra
     assert graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
 
 
-def test_int8_is_smaller_and_agrees(fp32_onnx: Path, val: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
-    images, _ = val
+def test_int8_is_smaller_agrees_and_runs_integer_kernels(
+    fp32_onnx: Path, val: tuple[np.ndarray, np.ndarray], tmp_path: Path
+) -> None:
+    images, labels = val
     int8_onnx = tmp_path / "model_int8.onnx"
     quantize_int8(fp32_onnx, int8_onnx, images[:128])
     assert fp32_onnx.stat().st_size / int8_onnx.stat().st_size > 2
-    agreement = (predict_onnx(int8_onnx, images).argmax(1) == predict_onnx(fp32_onnx, images).argmax(1)).mean()
-    assert agreement >= 0.95
+    int8, fp32 = predict_onnx(int8_onnx, images).argmax(1), predict_onnx(fp32_onnx, images).argmax(1)
+    assert (int8 == fp32).mean() >= 0.95 and (int8 == labels).mean() >= (fp32 == labels).mean() - 0.02
+    assert [weight.data_type for weight in conv_weights(int8_onnx)] == [onnx.TensorProto.INT8] * 2
+    ops = optimized_ops(int8_onnx, tmp_path)  # every Q/DQ pair fused into integer kernels: no float conv or matmul left
+    assert ops.count("QLinearConv") == 2 and ops.count("QGemm") == 3
+    assert not {"Conv", "FusedConv", "Gemm", "MatMul"} & set(ops)
+
+
+def test_int8_gives_image_convs_channels_for_the_fast_kernel(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = build_model("compact", 1, 10, 8, [0.5], [0.25], widths=(16, 32, 64, 32)).eval()
+    images = np.random.default_rng(0).random((256, 1, 8, 8), dtype=np.float32)
+    export_onnx(model, torch.from_numpy(images[:2]), tmp_path / "fp32.onnx")
+    quantize_int8(tmp_path / "fp32.onnx", tmp_path / "int8.onnx", images[:128])
+    assert [weight.dims[1] for weight in conv_weights(tmp_path / "int8.onnx")] == [CHANNEL_MULTIPLE, 16, 32]
+    fp32, int8 = (predict_onnx(tmp_path / f"{name}.onnx", images[128:]) for name in ("fp32", "int8"))
+    assert np.abs(int8 - fp32).max() < 0.05 * np.abs(fp32).max()
+    assert optimized_ops(tmp_path / "int8.onnx", tmp_path).count("QLinearConv") == 3
+
+
+def test_export_writes_global_average_pooling(tmp_path: Path) -> None:
+    model = build_model("resnet", 1, 10, 8, [0.5], [0.25]).eval()
+    images = torch.rand(4, 1, 8, 8)
+    export_onnx(model, images[:2], tmp_path / "resnet.onnx")
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "resnet.onnx")).graph.node]
+    assert "GlobalAveragePool" in ops and "ReduceMean" not in ops
+    with torch.no_grad():
+        np.testing.assert_allclose(predict_onnx(tmp_path / "resnet.onnx", images.numpy()), model(images).numpy(),
+                                   atol=1e-4)
 
 
 def test_magnitude_pruning_reaches_sparsity_and_keeps_accuracy(
@@ -221,6 +266,34 @@ def test_deployable_is_the_fastest_within_the_accuracy_drop(stage: tuple[Path, d
     assert (root / "models" / "deployable.onnx").stat().st_size == rows[fastest]["onnx_bytes"]
 
 
+def test_compress_logs_a_run_with_a_child_per_variant(stage: tuple[Path, dict]) -> None:
+    root, metrics = stage
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(FULL_PARAMS.evaluate.experiment).experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`kiln.stage` = 'compress'")
+    children = {run.info.run_name: run
+                for run in client.search_runs([experiment], "tags.`kiln.stage` = 'compress-variant'")}
+    assert parent.info.run_name == "compress" and parent.info.status == "FINISHED"
+    assert sorted(children) == sorted(PARAMS.variants)
+    assert {run.data.tags["mlflow.parentRunId"] for run in children.values()} == {parent.info.run_id}
+    assert all(run.data.tags["kiln.variant"] == name for name, run in children.items())
+    lineage = {"kiln.git_commit", "kiln.data_hash", "kiln.params_hash"}
+    assert all(lineage <= set(run.data.tags) for run in (parent, *children.values()))
+    assert parent.data.tags["kiln.deployable_variant"] == json.loads((root / "reports/selection.json").read_text())[
+        "selected_variant"]
+    assert parent.data.metrics == pytest.approx(metrics)
+    assert parent.data.params["sparsity"] == str(PARAMS.sparsity)
+    assert {item.path for item in client.list_artifacts(parent.info.run_id)} == {
+        "metrics.json", "variants.json", "variants.md", "selection.json", "tradeoff.png"}
+    rows = {row["variant"]: row for row in json.loads((root / "reports/variants.json").read_text())["variants"]}
+    keys = {frozenset(run.data.metrics) for run in children.values()}  # the same keys for every variant
+    assert keys == {frozenset(rows["fp32"]) - {"variant"}}
+    assert {"val_accuracy", "onnx_bytes", "parameters", "sparsity", "batch1_p50_ms", "batched_p50_ms"} <= set(*keys)
+    for name, run in children.items():
+        assert run.data.metrics == pytest.approx({key: float(value) for key, value in rows[name].items()
+                                                  if key != "variant"})
+
+
 def snapshot(root: Path) -> dict[Path, bytes | bool]:
     """Every path under `root`, with the bytes of each file."""
     return {path: path.is_file() and path.read_bytes() for path in root.rglob("*")}
@@ -232,13 +305,13 @@ def test_failed_run_keeps_previous_outputs(
 ) -> None:
     root = shutil.copytree(stage[0], tmp_path / "outputs")
     before = snapshot(root)
-    bad_model, params = tmp_path / "model.pt", PARAMS
+    bad_model, params = tmp_path / "model.pt", FULL_PARAMS
     if damage == "truncated model.pt":
         bad_model.write_bytes(model_path.read_bytes()[:1000])
     else:  # loads fine; with no fine-tune to fail first, it fails inside the ONNX export
         spec = dict(load_trained_model(str(model_path))[1]["spec"], image_size=16)
         save_trained_model(str(bad_model), build_model(**spec), spec, extra={})
-        params = PARAMS.model_copy(update={"variants": ["fp32", "int8"]})
+        params = FULL_PARAMS.model_copy(update={"compress": PARAMS.model_copy(update={"variants": ["fp32", "int8"]})})
     with pytest.raises(RuntimeError):
         compress(params, bad_model, prepared, root / "models", root / "reports")
     assert snapshot(root) == before  # same bytes, and no temporaries left behind

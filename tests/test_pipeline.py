@@ -9,10 +9,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import TINY_PARAMS, run
+from tests.conftest import STAGES, TINY_PARAMS, run
 
 pytestmark = pytest.mark.slow
-STAGES = ["prepare", "tune", "train", "compress", "evaluate"]
 TINY_EPOCHS = TINY_PARAMS["train"]["epochs"]
 
 
@@ -22,15 +21,6 @@ def client_for(repo: Path) -> MlflowClient:
 
 def metrics(repo: Path, stage: str) -> dict:
     return json.loads((repo / "reports" / stage / "metrics.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def reproduced(tiny_repo: Path) -> Path:
-    """The whole DAG through `dvc repro`, once for this module."""
-    result = run(["dvc", "repro"], cwd=tiny_repo, timeout=900)
-    for stage in STAGES:
-        assert f"Running stage '{stage}'" in result.stdout
-    return tiny_repo
 
 
 def test_every_stage_writes_its_outputs(reproduced: Path) -> None:

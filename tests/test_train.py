@@ -16,6 +16,9 @@ import yaml
 from mlflow import MlflowClient
 
 from kiln.config import Params, apply_overrides, validate_params
+from kiln.data import load_split
+from kiln.models import load_trained_model
+from kiln.training import evaluate, make_loader
 from tasks import prepare
 from tasks import train as train_stage
 from tests.conftest import BIN, REPO, TINY_PARAMS
@@ -36,25 +39,56 @@ def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def train_in(workdir: Path, params: Params, prepared: Path) -> dict[str, float]:
-    return train_stage.run(params, prepared, workdir / "unused.json", workdir / "model.pt", workdir / "reports",
-                           workdir / "ray_results")
+    return train_stage.run(params, prepared, workdir / "unused.json", workdir / "model.pt", workdir / "reports")
+
+
+# Every part of the recipe at once, so one pair of Ray Train runs covers them all.
+FULL_RECIPE = dict(model="compact", optimizer="adamw", lr=0.01, schedule="onecycle", label_smoothing=0.1,
+                   dropout=0.1, augmentation={"digits": {"crop_padding": 1, "rotation": 10, "erasing": 0.2}},
+                   adversarial={"method": "fgsm", "epsilon": 0.05, "ratio": 0.25})
 
 
 def test_two_workers_on_two_nodes_reproduce_exactly(prepared: Path, tmp_path: Path, ray_address: str,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    params = tiny(epochs=3, num_workers=2)
+    params = tiny(epochs=4, num_workers=2, **FULL_RECIPE)
     first, second = (train_in(tmp_path / name, params, prepared) for name in ("first", "second"))
     assert first["worker_nodes"] == 2, "each 1-CPU node should host one of the two workers"
     first.pop("images_per_second"), second.pop("images_per_second")  # the one figure that depends on the clock
     assert first == second
-    assert first["val_accuracy"] > 0.5
+    assert first["val_accuracy"] > 0.7
+    lrs = [float(row["lr"]) for row in read_rows(tmp_path / "first/reports/history.csv")]
+    assert lrs[0] > lrs[-1] and lrs[-1] < 0.01 * 0.05, "one-cycle anneals the rate towards zero"
+
+
+def test_early_stopping_keeps_the_best_epoch_and_checkpoints_go_to_a_uri(
+        prepared: Path, tmp_path: Path, ray_address: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    storage = tmp_path / "checkpoints"
+    params = tiny(epochs=6, num_workers=2, storage_path=storage.as_uri(),  # file:// goes through Ray's URI path
+                  early_stopping={"metric": "val_loss", "patience": 2, "min_delta": 10.0})  # no gain is that big
+    final = train_in(tmp_path, params, prepared)
+    assert read_history(tmp_path / "reports/history.csv") == [1, 2, 3], "stops after 2 epochs without gain"
+    assert final["epoch"] == 1, "keeps the weights of the best epoch, the first"
+    assert list(storage.glob("train-*/checkpoint_*/state.pt")), "checkpoints live under the storage URI"
+    client = MlflowClient()
+    run = client.search_runs([client.get_experiment_by_name("kiln").experiment_id])[0]
+    assert run.data.metrics["kept_epoch"] == 1
+    model, _ = load_trained_model(str(tmp_path / "model.pt"))
+    val = evaluate(model, make_loader(*load_split(prepared, "val"), 512, False, 0))
+    losses = [float(row["val_loss"]) for row in read_rows(tmp_path / "reports/history.csv")]
+    assert val.loss == pytest.approx(losses[0], rel=1e-5) and val.loss != pytest.approx(losses[-1], rel=1e-5)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
 
 
 def read_history(path: Path) -> list[int]:
-    with open(path, newline="") as handle:
-        return [int(row["epoch"]) for row in csv.DictReader(handle)]
+    return [int(row["epoch"]) for row in read_rows(path)]
 
 
 def test_training_survives_a_killed_worker(prepared: Path, tmp_path: Path, ray_address: str) -> None:

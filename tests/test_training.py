@@ -1,0 +1,188 @@
+"""The training recipe's parts on real tensors and models: zoo, augmentation, schedules, adversarial examples, early
+stopping, starting weights, channel pruning of the CPU CNN, and the train stage's input checks (before any Ray)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from kiln.adversarial import fgsm, pgd
+from kiln.augment import AugmentSettings, augment, random_crop, random_erasing
+from kiln.compression import channel_prune, count_parameters
+from kiln.config import apply_overrides, validate_params
+from kiln.models import ZOO, build_model, check_fits, load_weights
+from kiln.training import (
+    EarlyStopping,
+    Recipe,
+    apply_hyperparameters,
+    make_loader,
+    make_optimizer,
+    make_recipe,
+    make_scheduler,
+    train_epoch,
+)
+from tasks.prepare import prepare
+from tests.conftest import BIN, REPO, TINY_PARAMS
+
+
+def test_zoo_models_fit_grey_28_and_colour_32_images() -> None:
+    for name in (*ZOO, "torchvision:resnet18", "torchvision:mobilenet_v3_small"):
+        for channels, side in ((1, 28), (3, 32)):
+            model = build_model(name, channels, 10, side, [0.5] * channels, [0.25] * channels, dropout=0.1)
+            check_fits(model, channels, side, 10, name)
+    stem = build_model("torchvision:resnet18", 1, 10, 28, [0.5], [0.25])[1].conv1
+    assert (stem.in_channels, stem.kernel_size, stem.stride) == (1, (3, 3), (1, 1)), "adapted to small images"
+
+
+def test_a_model_too_deep_for_the_images_is_refused() -> None:
+    model = build_model("torchvision:alexnet", 1, 10, 8, [0.5], [0.25])
+    with pytest.raises(ValueError, match=r"'torchvision:alexnet' cannot take 1x8x8 images"):
+        check_fits(model, 1, 8, 10, "torchvision:alexnet")
+
+
+def test_local_weights_load_by_name_and_shape(tmp_path: Path) -> None:
+    source = build_model("compact", 1, 10, 28, [0.5], [0.25])
+    torch.save(source[1].state_dict(), tmp_path / "weights.pt")
+    target = build_model("compact", 3, 5, 32, [0.5] * 3, [0.25] * 3)  # other channels and classes
+    skipped = load_weights(target, tmp_path / "weights.pt")
+    assert skipped == ["classifier.2.weight", "classifier.5.bias", "classifier.5.weight", "features.0.weight"]
+    assert torch.equal(target[1].features[4].weight, source[1].features[4].weight)
+
+
+def test_augmentation_changes_images_and_off_is_identity() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(64, 1, 28, 28)
+    assert torch.equal(augment(images, AugmentSettings()), images) and not AugmentSettings().active
+    shifted = random_crop(images, 2)
+    assert shifted.shape == images.shape and not torch.equal(shifted, images)
+    erased = random_erasing(torch.ones(400, 1, 28, 28), 0.5)
+    hit = (erased == 0).flatten(1).any(1).float().mean()
+    assert 0.4 < hit < 0.6, "about half the images lose a rectangle"
+    full = AugmentSettings(crop_padding=2, hflip=True, rotation=15, translate=0.1, scale=0.1, erasing=0.5)
+    out = augment(images, full)
+    assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
+
+
+def test_one_cycle_and_cosine_warm_up_shape_the_rate() -> None:
+    model = torch.nn.Linear(4, 2)
+    for schedule in ("onecycle", "cosine"):
+        recipe = Recipe(lr=0.1, schedule=schedule, warmup_epochs=1)
+        optimizer = make_optimizer(model, recipe)
+        scheduler = make_scheduler(optimizer, recipe, epochs=4, steps_per_epoch=10)
+        rates = []
+        for _ in range(40):
+            rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            scheduler.step()
+        peak = max(range(40), key=rates.__getitem__)
+        assert rates[0] < 0.05 and 0.09 < rates[peak] <= 0.1 + 1e-9 and rates[-1] < 0.01, schedule
+        assert 5 <= peak <= 15, f"{schedule} peaks after its warm-up"
+    assert make_scheduler(optimizer, Recipe(schedule="constant"), 4, 10) is None
+
+
+def test_optimizers_decay_weights_only_and_take_perturbed_values() -> None:
+    model = build_model("compact", 1, 10, 28, [0.5], [0.25])
+    for name in ("sgd", "adamw"):
+        optimizer = make_optimizer(model, Recipe(optimizer=name, weight_decay=0.01))
+        assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
+        assert all(p.ndim > 1 for p in optimizer.param_groups[0]["params"])
+        apply_hyperparameters(optimizer, Recipe(lr=0.3, momentum=0.5, weight_decay=0.02))
+        assert [group["weight_decay"] for group in optimizer.param_groups] == [0.02, 0.0]
+        assert optimizer.param_groups[1]["lr"] == 0.3
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["betas"][0] == 0.5
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    prepare(validate_params(TINY_PARAMS).prepare, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(prepared: Path) -> tuple[torch.nn.Module, torch.utils.data.DataLoader]:
+    """A compact CNN after three epochs on digits, with its training loader."""
+    from kiln.data import load_split, read_manifest
+
+    manifest = read_manifest(prepared)
+    torch.manual_seed(0)
+    model = build_model("compact", 1, 10, 8, **manifest["normalization"])
+    loader = make_loader(*load_split(prepared, "train"), 64, True, 0)
+    recipe = Recipe(lr=0.05, schedule="onecycle")
+    optimizer = make_optimizer(model, recipe)
+    scheduler = make_scheduler(optimizer, recipe, 3, len(loader))
+    for _ in range(3):
+        stats = train_epoch(model, loader, optimizer, recipe, scheduler)
+    assert stats.accuracy > 0.8
+    return model.eval(), loader
+
+
+def test_adversarial_examples_stay_in_the_ball_and_hurt(trained: tuple) -> None:
+    model, loader = trained
+    images, labels = next(iter(loader))
+    clean = (model(images).argmax(1) == labels).float().mean()
+    for attack in (fgsm(model, images, labels, 0.1), pgd(model, images, labels, 0.1, steps=5)):
+        assert (attack - images).abs().max() <= 0.1 + 1e-6 and attack.min() >= 0 and attack.max() <= 1
+        assert (model(attack).argmax(1) == labels).float().mean() < clean
+
+
+def test_adversarial_training_runs_and_reports_the_mixed_batch(trained: tuple) -> None:
+    model, loader = trained
+    images, labels = loader.dataset.tensors
+    small = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[:256], labels[:256]), batch_size=64)
+    recipe = Recipe(lr=0.01, adversarial="pgd", adversarial_epsilon=0.1, adversarial_ratio=0.5, pgd_steps=2)
+    model = copy.deepcopy(model)  # the fixture's model stays as trained
+    stats = train_epoch(model, small, make_optimizer(model, recipe), recipe)
+    assert stats.images == 256 and 0 < stats.accuracy < 1
+
+
+def test_channel_pruning_shrinks_the_cpu_cnn(trained: tuple) -> None:
+    model, loader = trained
+    small = channel_prune(model, 0.5, loader, epochs=1, lr=0.01)
+    assert small[1].widths == (8, 16, 32, 128), "convs halved, the hidden linear layer kept"
+    assert count_parameters(small) < 0.6 * count_parameters(model)
+    images, labels = next(iter(loader))
+    assert (small(images).argmax(1) == labels).float().mean() > 0.6
+
+
+def test_early_stopping_counts_epochs_without_gain() -> None:
+    stopper = EarlyStopping(metric="val_loss", mode="min", patience=2, min_delta=0.01)
+    decisions = [stopper.update({"epoch": e, "val_loss": v}) for e, v in enumerate([1.0, 0.8, 0.795, 0.9], 1)]
+    assert decisions == [False, False, False, True] and stopper.best_epoch == 2
+    assert not any(EarlyStopping(patience=0).update({"epoch": e, "val_accuracy": 0.5}) for e in range(1, 9))
+
+
+def test_recipe_comes_from_params_with_tuned_values_first() -> None:
+    params = validate_params(apply_overrides(TINY_PARAMS, {"train.augmentation.digits": {"rotation": 5}}))
+    recipe = make_recipe(params.train, "digits", {"lr": 0.3, "batch_size": 16, "dropout": 0.2})
+    assert recipe.lr == 0.3 and recipe.augment == AugmentSettings(rotation=5)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"train.model": "torchvision:alexnet"}, "train.model: model 'torchvision:alexnet' cannot take 1x8x8 images"),
+    ({"train.batch_size": 5000}, "train.batch_size=5000 exceeds the"),
+    ({"train.model": "torchvision:nonet"}, "unknown torchvision classification model 'nonet'"),
+])
+def test_train_stage_refuses_bad_input_before_ray_starts(prepared: Path, tmp_path: Path, overrides: dict,
+                                                         message: str) -> None:
+    params = apply_overrides(TINY_PARAMS, {"train.use_tuned": False, **overrides})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/prepared").symlink_to(prepared)
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "tasks", "train"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-3000:]
+    assert "Ray" not in result.stdout + result.stderr.replace(message, ""), "failed after Ray started"
+    assert time.monotonic() - started < 60
+    assert not (tmp_path / "models").exists(), "nothing written"
