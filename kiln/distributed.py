@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +14,6 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from mlflow import MlflowClient
-from mlflow.entities import Metric
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kiln.models import build_model
@@ -68,6 +67,25 @@ def _progress(epoch: int, epochs: int, metrics: dict[str, float], seconds: float
             f"{metrics['images_per_second']:.0f} img/s ETA {seconds * (epochs - epoch):.0f}s")
 
 
+def _epoch_logger(config: dict[str, Any], rank: int) -> Callable[[dict[str, float], int], None] | None:
+    """Rank 0's per-epoch MLflow logging when the driver passed a run id (inside a tune trial, Tune's MLflow callback
+    logs the reported metrics instead). MLflow is imported only here, keeping its ~1,500 modules out of workers that
+    do not log."""
+    if rank != 0 or not config.get("mlflow_run_id"):
+        return None
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(config["tracking_uri"])
+
+    def log(metrics: dict[str, float], epoch: int) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(config["mlflow_run_id"], metrics=[
+            Metric(key, float(value), now, epoch) for key, value in metrics.items() if key != "epoch"])
+
+    return log
+
+
 def train_worker(config: dict[str, Any]) -> None:
     """Runs on every Ray Train worker; rank 0 alone prints, logs to MLflow (given a run id) and writes checkpoints.
 
@@ -106,7 +124,7 @@ def train_worker(config: dict[str, Any]) -> None:
             print(f"train: resuming after epoch {state['epoch']} from {checkpoint.path}", flush=True)
     model = ray.train.torch.prepare_model(model)
     nodes = _worker_nodes(world)
-    client = MlflowClient(config["tracking_uri"]) if rank == 0 and config.get("mlflow_run_id") else None
+    log = _epoch_logger(config, rank)
     for epoch in range(len(history) + 1, epochs + 1):
         seed_everything(config["seed"] + 1000 * epoch + rank)
         train_loader.sampler.set_epoch(epoch)
@@ -126,10 +144,8 @@ def train_worker(config: dict[str, Any]) -> None:
             saved = None
             if rank == 0:
                 print(_progress(epoch, epochs, metrics, seconds), flush=True)
-                if client:  # inside a tune trial, Tune's MLflow callback logs the reported metrics instead
-                    now = int(time.time() * 1000)
-                    client.log_batch(config["mlflow_run_id"], metrics=[
-                        Metric(key, float(value), now, epoch) for key, value in metrics.items() if key != "epoch"])
+                if log:
+                    log(metrics, epoch)
                 saved = ray.train.Checkpoint.from_directory(write_state(folder, {
                     "model": module.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict() if scheduler else None,

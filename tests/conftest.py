@@ -77,9 +77,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def repo_env() -> dict[str, str]:
+    """This environment for commands run in a repository copy: the venv's tools first on PATH, and MLflow on the
+    copy's own mlflow.db (MLflow mirrors an in-process test's tracking URI into MLFLOW_TRACKING_URI)."""
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    return {**env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+
+
 def run(command: list[str], cwd: Path, timeout: int = 600, check: bool = True) -> subprocess.CompletedProcess:
-    """Run a command with the venv's tools first on PATH; on failure show its output."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1"}
+    """Run a command in `repo_env()`; on failure show its output."""
+    env = {**repo_env(), "PYTHONUNBUFFERED": "1"}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"{command} exited {result.returncode}\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}")

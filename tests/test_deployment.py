@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 import urllib.request
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BIN, TINY_PARAMS, copy_repo, free_port, run, stop
+from tests.conftest import BIN, TINY_PARAMS, copy_repo, free_port, repo_env, run, stop
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +20,7 @@ pytestmark = pytest.mark.slow
 def prefect_env(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> Iterator[dict[str, str]]:
     """A `prefect server start` on 127.0.0.1 with its own home; yields the environment that talks to it."""
     port = free_port()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
+    env = {**repo_env(), "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect-home")),
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

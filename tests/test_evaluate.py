@@ -82,10 +82,11 @@ def digits_test(workspace: Path) -> tuple[np.ndarray, np.ndarray]:
 
 @contextmanager
 def inside(root: Path) -> Iterator[Path]:
-    """Run from `root`, with MLflow on its mlflow.db (the stage's default when MLFLOW_TRACKING_URI is unset)."""
+    """Run from `root`, with MLflow on its mlflow.db. Set rather than deleted: MLflow mirrors its tracking URI into
+    MLFLOW_TRACKING_URI, and only a variable the patch set is removed again afterwards."""
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
         yield root
 
 
