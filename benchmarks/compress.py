@@ -31,9 +31,10 @@ from benchmarks.report import write_results, write_section
 from kiln.compression import count_parameters
 from kiln.config import load_params
 from kiln.data import load_split, to_float
+from kiln.evaluation import torch_logits
 from kiln.models import load_trained_model
 from kiln.onnx_tools import export_onnx, measure_latency, onnx_runner, predict_batches, quantize_int8
-from tasks.compress import build_float_models, torch_runner, training_inputs
+from tasks.compress import build_float_models, training_inputs
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 64)
@@ -131,7 +132,7 @@ def main(model: Path = ROOT / "models" / "model.pt", prepared: Path = ROOT / "da
         for name in ("fp32", "channel_pruned"):
             export_onnx(nets[name], torch.from_numpy(images[:2]), files[name])
         quantize_int8(files["fp32"], files["int8"], calibration)
-        runners = {engine: (torch_runner(nets[name]) if runtime == "PyTorch eager" else onnx_runner(files[name]))
+        runners = {engine: (torch_logits(nets[name]) if runtime == "PyTorch eager" else onnx_runner(files[name]))
                    for engine, (name, runtime) in ENGINES.items()}
         sizes = {name: path.stat().st_size for name, path in files.items()}
     accuracy = {engine: float((predict_batches(run, images).argmax(1) == y_test).mean())

@@ -39,6 +39,7 @@ from kiln.compression import sparsity as weight_sparsity
 from kiln.config import CompressParams, Params
 from kiln.data import load_split, stratified_head, to_float
 from kiln.errors import InputError
+from kiln.evaluation import torch_logits
 from kiln.io import atomic_path, write_json
 from kiln.models import PLAIN_CNNS, load_trained_model
 from kiln.onnx_tools import export_onnx, measure_latency, onnx_runner, predict_batches, quantize_int8
@@ -48,16 +49,6 @@ from kiln.training import make_loader, seed_everything
 
 SEED = 0  # calibration and fine-tune subsets, shuffling, student initialisation
 TIMINGS = tuple(f"{label}_{key}" for label in ("batch1", "batched") for key in ("p50_ms", "p95_ms", "images_per_s"))
-
-
-def torch_runner(model: nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-    """Eager torch inference on one float32 batch, with torch's default threads."""
-
-    @torch.inference_mode()
-    def run(images: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(images)).numpy()
-
-    return run
 
 
 def float_source(variant: str) -> str:
@@ -176,7 +167,7 @@ def compress(
             rows.append(row)
             print(f"compress: {variant:<20} val acc {row['val_accuracy']:.4f}  {row['onnx_bytes']:>10,} B  "
                   f"{row['parameters']:>8,} params  b{settings.latency_batch_size} p50 {row['batched_p50_ms']:.3f} ms")
-        eager = {name: measure(torch_runner(net), images, y_val, big_batch, settings.latency_repeats)
+        eager = {name: measure(torch_logits(net), images, y_val, big_batch, settings.latency_repeats)
                  for name, net in floats.items() if name in ("fp32", "channel_pruned")}
 
         by_name = {row["variant"]: row for row in rows}
