@@ -111,7 +111,7 @@ def stock_run(raw: dict[str, Any], prepared: Path, work: Path) -> dict[str, floa
             "epochs": int(final["epoch"]), "tuned": tuned}
 
 
-def main(samples: int = 12000, epochs: int = 2, rounds: int = 2) -> None:
+def main(samples: int = 12000, epochs: int = 2, rounds: int = 3) -> None:
     """Measure throughput ratios on `samples` training images, then the stock run on the full dataset."""
     raw = read_raw_params(ROOT / "params.yaml")
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-train-"))

@@ -14,6 +14,7 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from torch.utils.data import DataLoader, DistributedSampler
 
 from kiln.models import build_model
@@ -29,6 +30,18 @@ from kiln.training import (
 )
 
 CHECKPOINT_FILE = "state.pt"
+
+
+class TorchTrainer(ray.train.torch.TorchTrainer):
+    """Ray's TorchTrainer less Ray 2.60's PlacementGroupCleaner. Stopping that detached actor waits out its 12 s
+    timeout at the end of every run (its monitor thread is stuck in a state-API call, dashboard or not), which
+    doubled a short fit's wall time here and printed a GetTimeoutError traceback. It only matters when a Train
+    controller dies ungracefully, and then the placement group, scoped to the driver's job, is freed when the
+    driver exits."""
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        return [callback for callback in callbacks if not isinstance(callback, PlacementGroupCleanerCallback)]
 
 
 def read_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
@@ -164,7 +177,7 @@ def fit(config: dict[str, Any], num_workers: int, cpus_per_worker: int, use_gpu:
     """Run `train_worker` on `num_workers` Ray Train workers (gloo on CPU, NCCL on GPU), restarting them from the
     latest checkpoint in `storage_path` (a folder or a cloud URI) up to `max_failures` times when one dies; returns
     the final checkpoint's state."""
-    trainer = ray.train.torch.TorchTrainer(
+    trainer = TorchTrainer(
         train_worker,
         train_loop_config=config,
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -9,14 +9,13 @@ import tempfile
 from typing import Any
 
 import ray.train
-import ray.train.torch
 import torch
 from mlflow import MlflowClient
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from kiln.distributed import read_state, train_worker, write_state
+from kiln.distributed import TorchTrainer, read_state, train_worker, write_state
 from kiln.models import build_model
 from kiln.training import (
     Recipe,
@@ -80,7 +79,7 @@ def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dic
 def distributed_trial(config: dict[str, Any], data: dict[str, Any], spec: dict[str, Any], recipe: Recipe,
                       epochs: int, workers: int, cpus_per_worker: int, storage_path: str) -> None:
     """Drive a Ray Train TorchTrainer with this trial's config; its rank-0 reports become the trial's results."""
-    trainer = ray.train.torch.TorchTrainer(
+    trainer = TorchTrainer(
         train_worker,
         train_loop_config={"data": ray.put(data), "spec": {**spec, "dropout": config["dropout"]},
                            "recipe": trial_recipe(recipe, config), "batch_size": int(config["batch_size"]),
