@@ -121,7 +121,11 @@ def qualified(accuracy: Mapping[str, float], max_drop_points: float, baseline: s
 
 
 def select_deployable(
-    accuracy: Mapping[str, float], latency_ms: Mapping[str, float], max_drop_points: float, baseline: str = "fp32"
+    accuracy: Mapping[str, float], latency_ms: Mapping[str, float], max_drop_points: float, min_speedup: float = 1.0,
+    baseline: str = "fp32",
 ) -> str:
-    """The qualified variant with the lowest latency (the first listed on a tie)."""
-    return min(qualified(accuracy, max_drop_points, baseline), key=latency_ms.__getitem__)
+    """The qualified variant with the lowest latency (the first listed on a tie), if it is at least `min_speedup`
+    times faster than the baseline; otherwise the baseline (a gain within timing noise is no reason to ship a
+    compressed model)."""
+    fastest = min(qualified(accuracy, max_drop_points, baseline), key=latency_ms.__getitem__)
+    return fastest if latency_ms[baseline] >= min_speedup * latency_ms[fastest] else baseline

@@ -237,6 +237,9 @@ class CompressParams(Strict):
     max_accuracy_drop_points: float = Field(
         ge=0, description="Deployable: the fastest variant within this many points of fp32's val accuracy."
     )
+    min_speedup: float = Field(
+        ge=1, description="Deployable: fp32 unless that variant is this many times faster at latency_batch_size."
+    )
 
     @field_validator("variants")
     @classmethod

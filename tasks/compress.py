@@ -8,7 +8,8 @@ Fine-tunes and distillation run in this process on a stratified subset of the tr
 Every variant is measured in this one process on the val split: accuracy, ONNX file size, parameters, sparsity, and
 ONNX Runtime latency p50/p95 and throughput at batch 1 and `latency_batch_size`, after warm-up; fp32 and
 channel_pruned also in torch eager. The deployable model is the fastest variant at `latency_batch_size` whose accuracy
-is within `max_accuracy_drop_points` of fp32's (fp32 always qualifies).
+is within `max_accuracy_drop_points` of fp32's (fp32 always qualifies), provided it is at least `min_speedup` times
+faster than fp32; otherwise fp32.
 
 Writes models/model_{fp32,int8}.onnx, models/deployable.onnx and reports/compress/: metrics.json (numbers only),
 variants.json and variants.md (the table), selection.json (the chosen variant and why), tradeoff.png. All of them are
@@ -106,8 +107,9 @@ def variants_markdown(rows: list[dict[str, Any]], selected: str, params: Compres
                  f"{row['batched_p95_ms']:.3f}", f"{row['batched_images_per_s']:,.0f}",
                  f"{row['speedup_vs_fp32']:.2f}x", "**yes**" if row["variant"] == selected else ""]
         lines.append("| " + " | ".join(cells) + " |")
-    rule = (f"Deployable: `{selected}`, the fastest at batch {size} (ONNX Runtime p50) of the variants within "
-            f"{params.max_accuracy_drop_points:g} points of fp32's val accuracy.")
+    rule = (f"Deployable: `{selected}`. The rule: the fastest at batch {size} (ONNX Runtime p50) of the variants "
+            f"within {params.max_accuracy_drop_points:g} points of fp32's val accuracy, if it is at least "
+            f"{params.min_speedup:g}x faster than fp32; otherwise fp32.")
     return "\n".join(lines) + "\n\n" + rule + "\n"
 
 
@@ -179,7 +181,7 @@ def compress(
         accuracy = {row["variant"]: row["val_accuracy"] for row in rows}
         passing = qualified(accuracy, settings.max_accuracy_drop_points)
         selected = select_deployable(accuracy, {row["variant"]: row["batched_p50_ms"] for row in rows},
-                                     settings.max_accuracy_drop_points)
+                                     settings.max_accuracy_drop_points, settings.min_speedup)
         for row in rows:
             row["qualifies"] = row["variant"] in passing
 
@@ -206,8 +208,10 @@ def compress(
         chosen = by_name[selected]
         selection = {
             "selected_variant": selected, "path": str(models_dir / "deployable.onnx"),
-            "policy": "fastest at latency_batch_size (ONNX Runtime p50) within max_accuracy_drop_points of fp32",
-            "max_accuracy_drop_points": settings.max_accuracy_drop_points, "qualified": passing,
+            "policy": "fastest at latency_batch_size (ONNX Runtime p50) within max_accuracy_drop_points of fp32, "
+                      "if at least min_speedup times faster than fp32; else fp32",
+            "max_accuracy_drop_points": settings.max_accuracy_drop_points, "min_speedup": settings.min_speedup,
+            "qualified": passing,
             **{key: chosen[key] for key in ("val_accuracy", "accuracy_drop_points", "batched_p50_ms",
                                             "speedup_vs_fp32", "size_ratio_vs_fp32")},
         }

@@ -43,7 +43,7 @@ TINY_PARAMS = {
         "calibration_samples": 128, "latency_batch_size": 32, "latency_repeats": 5, "sparsity": 0.5,
         "channel_keep": 0.5, "student_width": 0.5, "distill_temperature": 2.0, "distill_alpha": 0.7,
         "distill_epochs": 10, "distill_lr": 0.02, "finetune_epochs": 2, "finetune_lr": 0.01, "finetune_samples": 1200,
-        "finetune_batch_size": 32, "max_accuracy_drop_points": 2.0,
+        "finetune_batch_size": 32, "max_accuracy_drop_points": 2.0, "min_speedup": 1.0,
     },
     "evaluate": {
         "experiment": "kiln", "registered_model": "kiln",

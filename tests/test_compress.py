@@ -227,6 +227,8 @@ def test_selection_is_the_fastest_within_the_drop() -> None:
     assert select_deployable(accuracy, latency, 0.0) == "fp32"  # the baseline always qualifies
     assert select_deployable(accuracy, latency, 5.0) == "pruned"
     assert select_deployable({"fp32": 0.9, "int8": 0.99}, {"fp32": 1.0, "int8": 2.0}, 0.0) == "fp32"
+    assert select_deployable(accuracy, latency, 1.0, min_speedup=3.0) == "int8"  # exactly 3x faster
+    assert select_deployable(accuracy, latency, 1.0, min_speedup=3.5) == "fp32"  # not enough faster to ship
 
 
 def test_compress_writes_models_and_metrics(stage: tuple[Path, dict]) -> None:
