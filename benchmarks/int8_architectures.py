@@ -27,22 +27,18 @@ from benchmarks.compress import interleaved, spread
 from benchmarks.report import write_results, write_section
 from kiln.data import load_split, read_manifest, to_float
 from kiln.evaluation import torch_logits
-from kiln.models import Normalize, build_model, model_spec
+from kiln.models import Normalize, build_model, conv_bn, model_spec
 from kiln.onnx_tools import export_onnx, onnx_runner, quantize_int8
 from kiln.training import make_loader, seed_everything, train_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _conv(inputs: int, outputs: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(inputs, outputs, 3, stride, 1, bias=False), nn.BatchNorm2d(outputs), nn.ReLU()]
-
-
 def _strided(spec: dict, widths: tuple[int, ...], strides: tuple[int, ...]) -> nn.Module:
     """3x3 conv-BN-ReLU blocks that downsample by stride (no max-pooling), global average pooling, one linear."""
     layers: list[nn.Module] = [Normalize(spec["mean"], spec["std"])]
     for inputs, outputs, stride in zip((spec["in_channels"], *widths), widths, strides, strict=False):
-        layers += _conv(inputs, outputs, stride)
+        layers += conv_bn(inputs, outputs, stride)
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], spec["num_classes"]))
 
 

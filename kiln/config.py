@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
@@ -18,7 +18,8 @@ from kiln.io import atomic_path
 
 DATASETS = ("fashion_mnist", "digits", "cifar10")
 IMAGE_SIDES = {"fashion_mnist": 28, "digits": 8, "cifar10": 32}
-MODELS = ("lenet", "compact", "resnet")  # or torchvision:<name>, checked against torchvision when training starts
+MODELS = ("lenet", "compact", "resnet")  # kiln's zoo (kiln.models)
+TORCHVISION_PREFIX = "torchvision:"  # or torchvision:<name>, checked against torchvision when training starts
 TUNABLE_TRAIN_KEYS = ("lr", "momentum", "weight_decay", "batch_size", "label_smoothing", "dropout")
 COMPRESS_VARIANTS = ("fp32", "int8", "pruned", "pruned_int8", "channel_pruned", "channel_pruned_int8", "distilled",
                      "distilled_int8")  # `X_int8` is X exported, then int8-quantized
@@ -31,6 +32,13 @@ class ParamsError(InputError):
 def local_cpu_limit() -> int | None:
     """CPUs a local Ray gets, or None when RAY_ADDRESS points at a cluster we cannot size yet."""
     return None if os.environ.get("RAY_ADDRESS") else os.cpu_count()
+
+
+def _reject_unknown(names: Iterable[str], allowed: Sequence[str], problem: str, allowed_label: str = "allowed") -> None:
+    """Raise `<problem> [names not in allowed]; <allowed_label>: <allowed>` when any name is not allowed."""
+    unknown = sorted(set(names) - set(allowed))
+    if unknown:
+        raise ValueError(f"{problem} {unknown}; {allowed_label}: {', '.join(allowed)}")
 
 
 class Strict(BaseModel):
@@ -98,8 +106,8 @@ class TrainParams(Strict):
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        if value not in MODELS and not (value.startswith("torchvision:") and len(value) > len("torchvision:")):
-            raise ValueError(f"unknown model; allowed: {', '.join(MODELS)} or torchvision:<name>")
+        if value not in MODELS and not (value.startswith(TORCHVISION_PREFIX) and value != TORCHVISION_PREFIX):
+            raise ValueError(f"unknown model; allowed: {', '.join(MODELS)} or {TORCHVISION_PREFIX}<name>")
         return value
 
     @field_validator("weights")
@@ -112,9 +120,7 @@ class TrainParams(Strict):
     @field_validator("augmentation")
     @classmethod
     def _known_datasets(cls, value: dict[str, AugmentParams]) -> dict[str, AugmentParams]:
-        unknown = sorted(set(value) - set(DATASETS))
-        if unknown:
-            raise ValueError(f"unknown datasets {unknown}; allowed: {', '.join(DATASETS)}")
+        _reject_unknown(value, DATASETS, "unknown datasets")
         return value
 
     @model_validator(mode="after")
@@ -177,9 +183,7 @@ class TuneParams(Strict):
     @field_validator("search_space")
     @classmethod
     def _tunable_keys(cls, space: dict[str, SearchDimension]) -> dict[str, SearchDimension]:
-        unknown = sorted(set(space) - set(TUNABLE_TRAIN_KEYS))
-        if unknown:
-            raise ValueError(f"cannot tune {unknown}; allowed keys: {', '.join(TUNABLE_TRAIN_KEYS)}")
+        _reject_unknown(space, TUNABLE_TRAIN_KEYS, "cannot tune", "allowed keys")
         return space
 
     @field_validator("cpus_per_trial")
@@ -244,9 +248,7 @@ class CompressParams(Strict):
     @field_validator("variants")
     @classmethod
     def _known_variants(cls, variants: list[str]) -> list[str]:
-        unknown = [name for name in variants if name not in COMPRESS_VARIANTS]
-        if unknown:
-            raise ValueError(f"unknown variants {unknown}; allowed: {', '.join(COMPRESS_VARIANTS)}")
+        _reject_unknown(variants, COMPRESS_VARIANTS, "unknown variants")
         missing = [name for name in ("fp32", "int8") if name not in variants]
         if missing:
             raise ValueError(f"must include {missing}: fp32 is the baseline, int8 is models/model_int8.onnx")

@@ -14,11 +14,10 @@ import torch
 import torchvision
 from torch import nn
 
+from kiln.config import MODELS, TORCHVISION_PREFIX
 from kiln.errors import InputError
 
 PLAIN_CNNS = ("lenet", "compact")
-ZOO = (*PLAIN_CNNS, "resnet")
-TORCHVISION_PREFIX = "torchvision:"
 
 
 class Normalize(nn.Module):
@@ -75,8 +74,9 @@ class LeNet(PlainCNN):
         )
 
 
-def _conv_bn(in_channels: int, out_channels: int) -> list[nn.Module]:
-    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU()]
+def conv_bn(in_channels: int, out_channels: int, stride: int = 1) -> list[nn.Module]:
+    """A 3x3 conv (padding 1, no bias), batch norm and ReLU."""
+    return [nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU()]
 
 
 class CompactCNN(PlainCNN):
@@ -91,9 +91,9 @@ class CompactCNN(PlainCNN):
         c1, c2, c3, hidden = self.widths
         side = image_size // 4
         return nn.Sequential(
-            *_conv_bn(in_channels, c1), nn.MaxPool2d(2),
-            *_conv_bn(c1, c2), nn.MaxPool2d(2),
-            *_conv_bn(c2, c3),
+            *conv_bn(in_channels, c1), nn.MaxPool2d(2),
+            *conv_bn(c1, c2), nn.MaxPool2d(2),
+            *conv_bn(c2, c3),
         ), nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(c3 * side * side, hidden), nn.ReLU(),
                          nn.Dropout(dropout), nn.Linear(hidden, num_classes))
 
@@ -104,7 +104,7 @@ class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(),
+            *conv_bn(in_channels, out_channels, stride),
             nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False), nn.BatchNorm2d(out_channels),
         )
         self.shortcut = nn.Identity() if stride == 1 and in_channels == out_channels else nn.Sequential(
@@ -124,8 +124,7 @@ class SmallResNet(nn.Module):
                  dropout: float = 0.0, blocks: int = 1) -> None:
         super().__init__()
         self.widths = tuple(widths or self.default_widths)
-        layers: list[nn.Module] = [nn.Conv2d(in_channels, self.widths[0], 3, padding=1, bias=False),
-                                   nn.BatchNorm2d(self.widths[0]), nn.ReLU()]
+        layers = conv_bn(in_channels, self.widths[0])
         previous = self.widths[0]
         for stage, width in enumerate(self.widths):
             for index in range(blocks):
@@ -166,14 +165,14 @@ def torchvision_model(name: str, in_channels: int, num_classes: int, image_size:
 
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int, mean: Sequence[float],
                 std: Sequence[float], widths: Sequence[int] | None = None, dropout: float = 0.0) -> nn.Module:
-    """Build model `name` (see ZOO, or `torchvision:<name>`) for the given data shape, normalisation first."""
+    """Build model `name` (one of MODELS, or `torchvision:<name>`) for the given data shape, normalisation first."""
     families = {"lenet": LeNet, "compact": CompactCNN, "resnet": SmallResNet}
     if name in families:
         net = families[name](in_channels, num_classes, image_size, widths, dropout)
     elif name.startswith(TORCHVISION_PREFIX):
         net = torchvision_model(name.removeprefix(TORCHVISION_PREFIX), in_channels, num_classes, image_size, dropout)
     else:
-        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(ZOO)} or {TORCHVISION_PREFIX}<name>")
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)} or {TORCHVISION_PREFIX}<name>")
     return nn.Sequential(Normalize(mean, std), net)
 
 

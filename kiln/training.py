@@ -7,8 +7,9 @@ import contextlib
 import dataclasses
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -54,8 +55,14 @@ def make_recipe(train: TrainParams, dataset: str, tuned: dict[str, float] | None
         adversarial_epsilon=train.adversarial.epsilon, adversarial_ratio=train.adversarial.ratio,
         pgd_steps=train.adversarial.pgd_steps, amp=train.amp, channels_last=train.channels_last,
     )
-    known = {key: value for key, value in (tuned or {}).items() if key in Recipe.__dataclass_fields__}
-    return dataclasses.replace(recipe, **known)
+    return with_values(recipe, tuned or {})
+
+
+def with_values(recipe: Recipe, values: Mapping[str, Any]) -> Recipe:
+    """`recipe` with the entries of `values` that name its fields (tuned or sampled lr, momentum, ...) in their place;
+    other keys (batch_size, dropout, seed) are ignored."""
+    return dataclasses.replace(recipe, **{key: value for key, value in values.items()
+                                          if key in Recipe.__dataclass_fields__})
 
 
 @dataclass

@@ -3,7 +3,6 @@ end is recorded in MLflow."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import tempfile
 from typing import Any
@@ -26,12 +25,8 @@ from kiln.training import (
     make_scheduler,
     seed_everything,
     train_epoch,
+    with_values,
 )
-
-
-def trial_recipe(recipe: Recipe, config: dict[str, Any]) -> Recipe:
-    """The stage's recipe with this trial's sampled values (lr, momentum, weight decay, label smoothing)."""
-    return dataclasses.replace(recipe, **{key: config[key] for key in config if key in Recipe.__dataclass_fields__})
 
 
 def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -56,7 +51,7 @@ def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dic
                          epochs: int) -> None:
     """Train in this trial's process, reporting validation metrics and a checkpoint every epoch."""
     seed_everything(config["seed"])
-    recipe = trial_recipe(recipe, config)
+    recipe = with_values(recipe, config)
     model = build_model(**{**spec, "dropout": config["dropout"]})
     optimizer = make_optimizer(model, recipe)
     train_loader = make_loader(data["x_train"], data["y_train"], int(config["batch_size"]), True, config["seed"])
@@ -82,7 +77,7 @@ def distributed_trial(config: dict[str, Any], data: dict[str, Any], spec: dict[s
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"data": ray.put(data), "spec": {**spec, "dropout": config["dropout"]},
-                           "recipe": trial_recipe(recipe, config), "batch_size": int(config["batch_size"]),
+                           "recipe": with_values(recipe, config), "batch_size": int(config["batch_size"]),
                            "epochs": epochs, "seed": config["seed"], "early_stopping": {"patience": 0}},
         scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
