@@ -16,7 +16,9 @@ import pytest
 import torch
 import yaml
 
+from kiln.config import validate_params
 from kiln.models import build_model
+from tasks.prepare import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -54,9 +56,6 @@ TINY_PARAMS = {
 
 def train_lenet(spec: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.nn.Module:
     """A model built from `spec`, trained for 8 epochs of plain SGD (batch 32, seed 0), in eval mode."""
-    import torch
-
-
     torch.manual_seed(0)
     model = build_model(**spec)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -66,6 +65,14 @@ def train_lenet(spec: dict, images: torch.Tensor, labels: torch.Tensor) -> torch
             torch.nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
             optimizer.step()
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """TINY_PARAMS' dataset (digits), prepared once per session (test_compress builds its own `prepared`)."""
+    out = tmp_path_factory.mktemp("prepared") / "prepared"
+    prepare(validate_params(TINY_PARAMS).prepare, out)
+    return out
 
 
 GENERATED = ("dvc.lock", "reports/", "data/", "models/")  # a clone starts without pipeline outputs

@@ -19,9 +19,8 @@ from kiln.config import Params, apply_overrides, validate_params
 from kiln.data import load_split
 from kiln.models import load_trained_model
 from kiln.training import evaluate, make_loader
-from tasks import prepare
 from tasks import train as train_stage
-from tests.conftest import BIN, REPO, TINY_PARAMS
+from tests.conftest import REPO, TINY_PARAMS, repo_env
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +28,6 @@ pytestmark = pytest.mark.slow
 def tiny(**train: object) -> Params:
     return validate_params(apply_overrides(TINY_PARAMS, {"train.use_tuned": False,
                                                           **{f"train.{k}": v for k, v in train.items()}}))
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("prepared") / "prepared"
-    prepare.prepare(tiny().prepare, out)
-    return out
 
 
 def train_in(workdir: Path, params: Params, prepared: Path) -> dict[str, float]:
@@ -99,7 +91,7 @@ def test_training_survives_a_killed_worker(prepared: Path, tmp_path: Path, ray_a
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data").mkdir()
     (tmp_path / "data/prepared").symlink_to(prepared)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+    env = {**repo_env(), "PYTHONPATH": str(REPO),
            "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     stage = subprocess.Popen([sys.executable, "-m", "tasks", "train"], cwd=tmp_path, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

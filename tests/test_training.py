@@ -4,7 +4,6 @@ stopping, starting weights, channel pruning of the CPU CNN, and the train stage'
 from __future__ import annotations
 
 import copy
-import os
 import subprocess
 import sys
 import time
@@ -17,8 +16,8 @@ import yaml
 from kiln.adversarial import fgsm, pgd
 from kiln.augment import AugmentSettings, augment, random_crop, random_erasing
 from kiln.compression import channel_prune, count_parameters
-from kiln.config import apply_overrides, validate_params
-from kiln.models import ZOO, build_model, check_fits, load_weights
+from kiln.config import MODELS, apply_overrides, validate_params
+from kiln.models import build_model, check_fits, load_weights
 from kiln.training import (
     EarlyStopping,
     Recipe,
@@ -29,12 +28,11 @@ from kiln.training import (
     make_scheduler,
     train_epoch,
 )
-from tasks.prepare import prepare
-from tests.conftest import BIN, REPO, TINY_PARAMS
+from tests.conftest import REPO, TINY_PARAMS, repo_env
 
 
 def test_zoo_models_fit_grey_28_and_colour_32_images() -> None:
-    for name in (*ZOO, "torchvision:resnet18", "torchvision:mobilenet_v3_small"):
+    for name in (*MODELS, "torchvision:resnet18", "torchvision:mobilenet_v3_small"):
         for channels, side in ((1, 28), (3, 32)):
             model = build_model(name, channels, 10, side, [0.5] * channels, [0.25] * channels, dropout=0.1)
             check_fits(model, channels, side, 10, name)
@@ -98,13 +96,6 @@ def test_optimizers_decay_weights_only_and_take_perturbed_values() -> None:
         assert [group["weight_decay"] for group in optimizer.param_groups] == [0.02, 0.0]
         assert optimizer.param_groups[1]["lr"] == 0.3
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["betas"][0] == 0.5
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("prepared") / "prepared"
-    prepare(validate_params(TINY_PARAMS).prepare, out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +168,7 @@ def test_train_stage_refuses_bad_input_before_ray_starts(prepared: Path, tmp_pat
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     (tmp_path / "data").mkdir()
     (tmp_path / "data/prepared").symlink_to(prepared)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
+    env = {**repo_env(), "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     started = time.monotonic()
     result = subprocess.run([sys.executable, "-m", "tasks", "train"], cwd=tmp_path, env=env, capture_output=True,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -20,20 +19,13 @@ from kiln.errors import InputError
 from kiln.search import scheduler, search_algorithm, to_domain
 from tasks import prepare
 from tasks import tune as tune_stage
-from tests.conftest import BIN, REPO, TINY_PARAMS
+from tests.conftest import REPO, TINY_PARAMS, repo_env
 
 pytestmark = pytest.mark.slow
 
 
 def tiny(**overrides: object) -> Params:
     return validate_params(apply_overrides(TINY_PARAMS, {f"tune.{k}": v for k, v in overrides.items()}))
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("prepared") / "prepared"
-    prepare.prepare(tiny().prepare, out)
-    return out
 
 
 @pytest.fixture
@@ -128,7 +120,7 @@ def test_interrupted_stage_resumes_its_experiment(tmp_path: Path, ray_address: s
     params = apply_overrides(TINY_PARAMS, {"tune.num_samples": 4, "tune.epochs": 3, "tune.cpus_per_trial": 1})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     prepare.prepare(validate_params(params).prepare, tmp_path / "data/prepared")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(REPO),
+    env = {**repo_env(), "PYTHONPATH": str(REPO),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     child_runs(tmp_path)  # creates the store's tables now, not while the stage creates them too
     command = [sys.executable, "-m", "tasks", "tune"]
