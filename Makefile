@@ -4,12 +4,12 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup dataset browser run flow deploy test lint
+.PHONY: setup dataset data postgres browser run flow test lint constraints
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/python -m pip install -q --upgrade pip
-	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[dev]'
+	$(VENV)/bin/python -m pip install -q -c constraints.txt -e '.[dev,cluster]'
 	touch $@
 
 setup: $(VENV)/.installed
@@ -20,21 +20,39 @@ dataset:
 	  $(SUDO) apt-get install -y -qq dataset-fashion-mnist; } || \
 	  echo "warning: could not install dataset-fashion-mnist; prepare will try to download Fashion-MNIST"
 
+# The raw data as data/raw/fashion-mnist.dvc records it: from DVC's cache or remote, else imported again from Debian's
+# package (the same files, so the same hash).
+data: setup dataset
+	@[ -d data/raw/fashion-mnist ] || dvc pull -q data/raw/fashion-mnist.dvc 2>/dev/null || \
+	  dvc update -q data/raw/fashion-mnist.dvc
+
 # Debian's Chromium for the MLflow UI test (tests/test_mlflow_ui.py drives it with Playwright; no browser download).
 # Without it that test would skip, so a failed install fails `make test`.
 browser:
 	@command -v chromium >/dev/null || { $(SUDO) apt-get update -qq && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
-run: setup dataset
-	dvc repro
-	dvc metrics show
+run: data
+	kiln run
 
-flow: setup dataset
-	python -m flows.pipeline
+flow: data
+	kiln flow
 
-test: setup dataset browser
+# Debian's PostgreSQL server for the cluster path (`kiln cluster up` and the cluster tests start their own instance).
+postgres:
+	@command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql; }
+
+test: data browser postgres
 	pytest
 
 lint: setup
 	ruff check .
+
+# Regenerate constraints.txt after a change to pyproject.toml's dependencies: resolve in a fresh venv, keeping every
+# existing pin that still fits, then freeze. Remove a pin from constraints.txt first to let it move.
+constraints:
+	rm -rf /tmp/kiln-constraints && python3 -m venv /tmp/kiln-constraints
+	/tmp/kiln-constraints/bin/python -m pip install -q --upgrade pip
+	/tmp/kiln-constraints/bin/python -m pip install -q -c constraints.txt -e '.[dev,cluster]'
+	/tmp/kiln-constraints/bin/python -m pip freeze --exclude-editable > constraints.txt

@@ -6,11 +6,11 @@
                                          # table in docs/benchmarks.md
     python -m benchmarks.compress --model other/model.pt --prepared other/prepared
 
-The variants are built as the compress stage builds them (tasks.compress, with params.yaml's `compress` section):
-fp32 exported to ONNX, int8 (static QDQ, per-channel, calibrated on training images) and channel_pruned (fine-tuned).
-Latency is measured in interleaved rounds, every engine once per round with `measure_latency` (warm-up, then
-`repeats` timed calls), so load changes on a shared machine hit every engine alike; a speedup is the median of its
-per-round ratios, with their range.
+The variants are built as the compress stage builds them (kiln.compress.variants, with params.yaml's `compress`
+section): fp32 exported to ONNX, int8 (static QDQ, per-channel, calibrated on training images) and channel_pruned
+(fine-tuned). Latency is measured as the stage measures it (kiln.core.latency: warm-up, then interleaved rounds in
+rotating order, `repeats` timed calls each), so load changes on a shared machine hit every engine alike; a speedup is
+the median of its per-round ratios, with their range.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +27,15 @@ import torch
 import typer
 
 from benchmarks.report import write_results, write_section
-from kiln.compression import count_parameters
-from kiln.config import load_params
-from kiln.data import load_split, to_float
-from kiln.evaluation import torch_logits
-from kiln.models import load_trained_model
-from kiln.onnx_tools import export_onnx, measure_latency, onnx_runner, predict_batches, quantize_int8
-from tasks.compress import build_float_models, training_inputs
+from kiln.compress.onnx_export import export_onnx, quantize_int8
+from kiln.compress.pruning import count_parameters
+from kiln.compress.variants import build_float_models, training_inputs
+from kiln.core.contract import stage_path
+from kiln.core.inference import accuracy, onnx_logits, torch_logits
+from kiln.core.latency import batch_of, interleaved
+from kiln.core.models import load_trained_model
+from kiln.core.params import LatencyParams, load_params
+from kiln.core.prepared import load_split, to_float
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 64)
@@ -54,16 +55,6 @@ ENGINES = {  # engine: (model, runtime)
 def require(path: Path, command: str) -> None:
     if not path.exists():
         raise SystemExit(f"{path}: missing; run `{command}` first (or pass its path)")
-
-
-def interleaved(runners: dict[str, Callable[[np.ndarray], np.ndarray]], batch: np.ndarray, rounds: int,
-                repeats: int) -> dict[str, list[float]]:
-    """p50 latency (ms) of every runner in each of `rounds` rounds; a round times every runner in turn."""
-    p50: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(rounds):
-        for name, run in runners.items():
-            p50[name].append(measure_latency(run, batch, repeats)["p50_ms"])
-    return p50
 
 
 def spread(values: list[float] | np.ndarray) -> dict[str, float]:
@@ -116,14 +107,16 @@ def table_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
-def main(model: Path = ROOT / "models" / "model.pt", prepared: Path = ROOT / "data" / "prepared", rounds: int = 10,
-         repeats: int = 50) -> None:
-    """Build fp32, int8 and channel_pruned from `model`, then measure accuracy, size and latency side by side."""
+def main(model: Path | None = None, prepared: Path | None = None, rounds: int = 10, repeats: int = 50) -> None:
+    """Build fp32, int8 and channel_pruned from `model` (default: the train stage's), then measure accuracy, size and
+    latency side by side on `prepared` (default: the prepare stage's)."""
+    model = model or stage_path("train", "model", ROOT)
+    prepared = prepared or stage_path("prepare", "out", ROOT)
     require(model, "dvc repro train")
     require(prepared, "dvc repro prepare")
     settings = load_params(ROOT / "params.yaml", {"compress.variants": ["fp32", "int8", "channel_pruned"]}).compress
     fp32, saved = load_trained_model(str(model))
-    calibration, loader = training_inputs(settings, prepared)
+    calibration, loader = training_inputs(settings, *load_split(prepared, "train"))
     nets = build_float_models(fp32, settings, loader)
     x_test, y_test = load_split(prepared, "test")
     images = to_float(x_test)
@@ -132,15 +125,15 @@ def main(model: Path = ROOT / "models" / "model.pt", prepared: Path = ROOT / "da
         for name in ("fp32", "channel_pruned"):
             export_onnx(nets[name], torch.from_numpy(images[:2]), files[name])
         quantize_int8(files["fp32"], files["int8"], calibration)
-        runners = {engine: (torch_logits(nets[name]) if runtime == "PyTorch eager" else onnx_runner(files[name]))
+        runners = {engine: (torch_logits(nets[name]) if runtime == "PyTorch eager" else onnx_logits(files[name]))
                    for engine, (name, runtime) in ENGINES.items()}
         sizes = {name: path.stat().st_size for name, path in files.items()}
-    accuracy = {engine: float((predict_batches(run, images).argmax(1) == y_test).mean())
-                for engine, run in runners.items()}
-    latency = {size: interleaved(runners, np.resize(images, (size, *images.shape[1:])), rounds, repeats)
-               for size in BATCHES}
+    scores = {engine: accuracy(run, images, y_test) for engine, run in runners.items()}
+    protocol = LatencyParams(batch_size=BATCHES[-1], rounds=rounds, calls=repeats, warmup_calls=repeats)
+    latency = {size: {engine: list(timing.rounds_ms) for engine, timing in
+                      interleaved(runners, batch_of(images, size), protocol).items()} for size in BATCHES}
     for engine in runners:
-        print(f"bench: {engine:<21} test acc {accuracy[engine]:.4f}  " + "  ".join(
+        print(f"bench: {engine:<21} test acc {scores[engine]:.4f}  " + "  ".join(
             f"b{size} p50 {np.median(latency[size][engine]):.3f} ms" for size in BATCHES), flush=True)
 
     batched = latency[BATCHES[-1]]
@@ -148,12 +141,12 @@ def main(model: Path = ROOT / "models" / "model.pt", prepared: Path = ROOT / "da
         "int8_size_ratio": sizes["fp32"] / sizes["int8"],
         "int8_speedup_vs_ort_fp32": speedup(batched, "ort_fp32", "ort_int8")["median"],
         "int8_speedup_vs_torch_eager": speedup(batched, "torch_fp32", "ort_int8")["median"],
-        "int8_accuracy_drop_points": (accuracy["ort_fp32"] - accuracy["ort_int8"]) * 100,
+        "int8_accuracy_drop_points": (scores["ort_fp32"] - scores["ort_int8"]) * 100,
         "structured_pruning_speedup_vs_torch_eager": speedup(batched, "torch_fp32", "torch_channel_pruned")["median"],
         "structured_pruning_speedup_vs_ort_fp32": speedup(batched, "ort_fp32", "ort_channel_pruned")["median"],
         "speedup_ranges": {f"{engine}_vs_{baseline}": speedup(batched, baseline, engine)
                            for baseline in ("torch_fp32", "ort_fp32") for engine in runners if engine != baseline},
-        "test_accuracy": accuracy,
+        "test_accuracy": scores,
         "onnx_bytes": sizes,
         "parameters": {name: count_parameters(nets["fp32" if name == "int8" else name]) for name in files},
         "latency_p50_ms": {f"batch{size}": {engine: spread(values) for engine, values in latency[size].items()}

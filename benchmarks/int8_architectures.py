@@ -23,13 +23,17 @@ import torch
 import typer
 from torch import nn
 
-from benchmarks.compress import interleaved, spread
+from benchmarks.compress import spread
 from benchmarks.report import write_results, write_section
-from kiln.data import load_split, read_manifest, to_float
-from kiln.evaluation import torch_logits
-from kiln.models import Normalize, build_model, conv_bn, model_spec
-from kiln.onnx_tools import export_onnx, onnx_runner, quantize_int8
-from kiln.training import make_loader, seed_everything, train_epoch
+from kiln.compress.onnx_export import export_onnx, quantize_int8
+from kiln.core.contract import stage_path
+from kiln.core.inference import onnx_logits, torch_logits
+from kiln.core.latency import interleaved
+from kiln.core.models import Normalize, build_model, conv_bn, model_spec
+from kiln.core.params import LatencyParams
+from kiln.core.prepared import load_split, read_manifest, to_float
+from kiln.train.loop import train_epoch
+from kiln.train.recipe import make_loader, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,8 +66,9 @@ def train_images_per_second(model: nn.Module, x: np.ndarray, y: np.ndarray) -> f
     return stats.images / (time.perf_counter() - started)
 
 
-def main(prepared: Path = ROOT / "data" / "prepared", rounds: int = 5, repeats: int = 30) -> None:
+def main(prepared: Path | None = None, rounds: int = 5, repeats: int = 30) -> None:
     """Training speed and batch-64 latency of every candidate architecture."""
+    prepared = prepared or stage_path("prepare", "out", ROOT)
     if not (prepared / "manifest.json").is_file():
         raise SystemExit(f"{prepared}: missing; run `dvc repro prepare` first (or pass its path)")
     x, y = load_split(prepared, "train")
@@ -77,8 +82,9 @@ def main(prepared: Path = ROOT / "data" / "prepared", rounds: int = 5, repeats: 
             fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
             export_onnx(model, torch.from_numpy(images[:2]), fp32)
             quantize_int8(fp32, int8, images)
-            runners = {"torch_fp32": torch_logits(model), "ort_fp32": onnx_runner(fp32), "ort_int8": onnx_runner(int8)}
-            p50 = interleaved(runners, images[:64], rounds, repeats)
+            runners = {"torch_fp32": torch_logits(model), "ort_fp32": onnx_logits(fp32), "ort_int8": onnx_logits(int8)}
+            protocol = LatencyParams(batch_size=64, rounds=rounds, calls=repeats, warmup_calls=repeats)
+            p50 = {name: list(timing.rounds_ms) for name, timing in interleaved(runners, images[:64], protocol).items()}
         ratios = {f"int8_vs_{base}": spread(np.array(p50[base]) / np.array(p50["ort_int8"]))
                   for base in ("ort_fp32", "torch_fp32")}
         results[name] = {"parameters": sum(p.numel() for p in model.parameters()), "train_images_per_second": speed,

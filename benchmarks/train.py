@@ -6,13 +6,14 @@ one on this machine, and the stock params' test accuracy and wall time.
 
 Throughput runs share one prepared dataset, the stock model and recipe and the stock batch size; each measures the
 images/s of its last epoch (the first pays for warm-up), and the rounds alternate so drift hits all alike. The bare
-loop runs in a spawned process of its own, the Ray Train runs in one Ray session. The stock run is `tasks.train.run`
-on params.yaml as `dvc repro train` runs it (tuned values from models/best_config.json when use_tuned is on and the
+loop runs in a spawned process of its own, the Ray Train runs in one Ray session. The stock run is the train stage's
+dvc.yaml command on params.yaml (tuned values from models/best_config.json when use_tuned is on and the
 tune stage has run), then the test split in this process.
 """
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import platform
@@ -29,21 +30,14 @@ import torch
 import typer
 
 from benchmarks.report import write_results, write_section
-from kiln.config import Params, apply_overrides, read_raw_params, validate_params
-from kiln.data import load_split, read_manifest
-from kiln.distributed import fit
-from kiln.models import build_model, load_trained_model, model_spec
-from kiln.training import (
-    evaluate,
-    make_loader,
-    make_optimizer,
-    make_recipe,
-    make_scheduler,
-    seed_everything,
-    train_epoch,
-)
-from tasks import prepare
-from tasks import train as train_stage
+from benchmarks.stages import run_stage
+from kiln.core.contract import stage_path
+from kiln.core.models import build_model, load_trained_model, model_spec
+from kiln.core.params import Params, apply_overrides, read_raw_params, validate_params
+from kiln.core.prepared import load_split, read_manifest
+from kiln.train.distributed import fit
+from kiln.train.loop import VAL_BATCH, train_epoch, validate
+from kiln.train.recipe import make_loader, make_optimizer, make_recipe, make_scheduler, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -97,16 +91,16 @@ def throughput(params: Params, prepared: Path, samples: int, epochs: int, rounds
 def stock_run(raw: dict[str, Any], prepared: Path, work: Path) -> dict[str, float]:
     """The train stage on the stock params, then the trained model's accuracy on the test split."""
     params = validate_params(raw)
-    best = ROOT / "models" / "best_config.json"
+    best = stage_path("train", "best_config", ROOT)
     tuned = params.train.use_tuned and best.is_file()
     if params.train.use_tuned and not tuned:
         print(f"bench: {best} missing (run `dvc repro tune`): training on params.yaml's own values", flush=True)
-        params = validate_params(apply_overrides(raw, {"train.use_tuned": False}))
-    started = time.perf_counter()
-    final = train_stage.run(params, prepared, best, work / "model.pt", work / "reports")
-    seconds = time.perf_counter() - started
+        raw = apply_overrides(raw, {"train.use_tuned": False})
+    seconds = run_stage("train", raw, {"data": prepared, "best_config": best, "model": work / "model.pt",
+                                       "reports": work / "reports"}, work)
+    final = json.loads((work / "reports" / "metrics.json").read_text())
     model, _ = load_trained_model(str(work / "model.pt"))
-    test = evaluate(model, make_loader(*load_split(prepared, "test"), 512, False, 0))
+    test = validate(model, make_loader(*load_split(prepared, "test"), VAL_BATCH, False, 0))
     return {"test_accuracy": test.accuracy, "val_accuracy": final["val_accuracy"], "wall_seconds": seconds,
             "epochs": int(final["epoch"]), "tuned": tuned}
 
@@ -115,14 +109,14 @@ def main(samples: int = 12000, epochs: int = 2, rounds: int = 3) -> None:
     """Measure throughput ratios on `samples` training images, then the stock run on the full dataset."""
     raw = read_raw_params(ROOT / "params.yaml")
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-train-"))
+    raw = apply_overrides(raw, {"train.storage_path": str(work / "ray_results")})
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    prepared = ROOT / "data" / "prepared"
+    prepared = stage_path("prepare", "out", ROOT)
     if not (prepared / "manifest.json").is_file():
         prepared = work / "prepared"
-        prepare.prepare(validate_params(raw).prepare, prepared)
+        run_stage("prepare", raw, {"out": prepared}, work)
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False)
     speed = throughput(validate_params(raw), prepared, samples, epochs, rounds, work / "ray_results")
-    os.chdir(work)
     stock = stock_run(raw, prepared, work)
     params = validate_params(raw)
     results = {

@@ -3,26 +3,24 @@
     python -m benchmarks.tune            # ~15 min on 2 CPU cores; writes benchmarks/results/tune.json and
                                          # the tune table in docs/benchmarks.md
 
-Every strategy runs the real tune stage (`tasks.tune.run`) on the same prepared data, model, subset and
+Every strategy runs the real tune stage (its dvc.yaml command) on the same prepared data, model, subset and
 epoch budget per trial; only the search algorithm, scheduler and number of trials differ.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import ray
 import typer
 
 from benchmarks.report import write_results, write_section
-from kiln.config import Params, apply_overrides, read_raw_params, validate_params
-from tasks import prepare
-from tasks import tune as tune_stage
+from benchmarks.stages import run_stage
+from kiln.core.params import apply_overrides, read_raw_params
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 6
@@ -52,19 +50,19 @@ def main(train_samples: int = 6000, tpe_trials: int = 30) -> None:
                                    "tune.metric": "val_accuracy", "tune.mode": "max"})
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-tune-"))
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-    os.chdir(work)
+    base = apply_overrides(base, {"train.storage_path": str(work / "ray_results")})
     prepared = work / "prepared"
-    prepare.prepare(validate_params(base).prepare, prepared)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    run_stage("prepare", base, {"out": prepared}, work)
     results: dict[str, Any] = {}
     for name, overrides in strategies(tpe_trials).items():
-        params: Params = validate_params(apply_overrides(base, {f"tune.{k}": v for k, v in overrides.items()}))
-        started = time.perf_counter()
-        metrics = tune_stage.run(params, prepared, work / name / "best.json", work / name, work / "ray_results")
+        params = apply_overrides(base, {f"tune.{k}": v for k, v in overrides.items()})
+        seconds = run_stage("tune", params, {"data": prepared, "best_config": work / name / "best.json",
+                                             "reports": work / name}, work)
+        metrics = json.loads((work / name / "metrics.json").read_text())
         results[f"{name}_best_val_accuracy"] = metrics["best_val_accuracy"]
         results[f"{name}_trial_epochs"] = metrics["trial_epochs"]
         results[f"{name}_trials"] = metrics["trials"]
-        results[f"{name}_wall_seconds"] = round(time.perf_counter() - started, 1)
+        results[f"{name}_wall_seconds"] = round(seconds, 1)
         print(f"bench: {name}: best val_accuracy {metrics['best_val_accuracy']:.4f}, "
               f"{metrics['trial_epochs']} trial-epochs, {results[f'{name}_wall_seconds']} s", flush=True)
     results["tpe_asha_gap_points"] = round((results["grid_best_val_accuracy"]

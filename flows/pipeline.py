@@ -1,90 +1,120 @@
-"""The kiln Prefect flow: runs the dvc.yaml stages in DAG order, one Prefect task each, DVC deciding what is stale."""
+"""The kiln Prefect flow: the dvc.yaml stages brought up to date in DAG order, one Prefect task per stage, DVC deciding
+what is stale, in a workspace of the flow run's own, recorded as a DVC experiment.
+
+`workspace="clone"` (the `local` deployment, `kiln flow`): the run clones the checkout it starts in (HEAD plus its
+uncommitted changes to tracked files) into a temporary workspace sharing the checkout's DVC cache and MLflow store;
+the checkout itself is never edited. `workspace="here"`: the run works where the deployment's pull steps put it (a
+fresh `git_clone`, `dvc pull`ed from the team's remote). Either way the run applies its overrides to params.yaml,
+runs `dvc repro --single-item STAGE` per stage (a stage whose inputs DVC has seen is restored from the run-cache),
+saves the result as the DVC experiment named after the flow run, pushes it (git ref to `origin`; outputs and
+run-cache to the DVC remote when the cache is not shared), and records the experiment on the model version that
+evaluate registered.
+"""
 
 from __future__ import annotations
 
 import csv
 import itertools
 import json
-import subprocess
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any, Literal
 
-import typer
 import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.runtime import flow_run
 
-from kiln.config import ParamsError, write_overrides
+from kiln.core import shell
+from kiln.core.contract import stages
+from kiln.core.errors import InputError
+from kiln.core.params import load_params, write_overrides
+from kiln.core.tracking import tracking_uri
+from kiln.platform.lineage import record_experiment
+from kiln.platform.workspace import Experiment, clone_workspace, push_experiment, save_experiment
+from tasks.summary import RAN, markdown, stage_statuses
 
-TRIALS = Path("reports/tune/trials.csv")
 TOP_TRIALS = 5
-
-
-def dag_stages(dvc_file: Path = Path("dvc.yaml")) -> list[str]:
-    """Stage names in the order dvc.yaml declares them (which is DAG order)."""
-    return list(yaml.safe_load(dvc_file.read_text())["stages"])
+PARAMS_FILE = "params.yaml"
 
 
 @task(task_run_name="{stage}")
-def run_stage(stage: str) -> str:
-    """`dvc repro` one stage, streaming its output into the Prefect log; returns 'ran' or 'skipped'."""
+def run_stage(stage: str, workspace: Path, pull: bool) -> str:
+    """`dvc repro --single-item STAGE` in the workspace, its output in the Prefect log; returns what DVC did."""
     logger = get_run_logger()
-    command = ["dvc", "repro", "--single-item", stage]
-    output = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as process:
-        for line in process.stdout:
-            logger.info(line.rstrip())
-            output.append(line)
-    if process.returncode != 0:
-        raise RuntimeError(f"stage {stage!r} failed: `{' '.join(command)}` exited {process.returncode}")
-    return "skipped" if any("didn't change, skipping" in line for line in output) else "ran"
+    command = ["dvc", "repro", "--single-item", *(["--pull"] if pull else []), stage]
+    code, output = shell.stream(command, echo=logger.info, cwd=workspace)
+    if code != 0:
+        raise RuntimeError(f"stage {stage!r} failed: `{' '.join(command)}` exited {code}")
+    return stage_statuses(output).get(stage, (RAN, None))[0]
 
 
-def run_report(statuses: dict[str, str]) -> str:
-    """Markdown: what each stage did, and the headline metrics."""
-    rows = ["| stage | status | metrics |", "| --- | --- | --- |"]
-    for stage, status in statuses.items():
-        metrics_file = Path("reports") / stage / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        shown = ", ".join(f"{key}={value:.4g}" for key, value in sorted(metrics.items()))
-        rows.append(f"| {stage} | {status} | {shown} |")
-    return "\n".join(rows)
+@task
+def open_workspace(mode: str, source: Path) -> Path:
+    """A fresh clone of `source` (mode `clone`) or `source` itself (mode `here`)."""
+    if mode == "here":
+        return source
+    workspace = Path(tempfile.mkdtemp(prefix="kiln-run-")) / "workspace"
+    clone_workspace(source, workspace)
+    get_run_logger().info(f"workspace: {workspace} (a clone of {source}, sharing its DVC cache)")
+    return workspace
 
 
-def top_trials(count: int = TOP_TRIALS) -> list[dict[str, Any]]:
+@task
+def record(workspace: Path, name: str, shared_cache: bool, evaluated: bool) -> Experiment:
+    """Save and push the run as a DVC experiment; tag the model version evaluate registered in this run with it."""
+    experiment = save_experiment(workspace, name)
+    push_experiment(workspace, experiment, with_data=not shared_cache)
+    if evaluated:
+        record_experiment(workspace, experiment)
+    get_run_logger().info(f"experiment {name}: {experiment.ref} ({experiment.commit[:10]}) pushed to "
+                          f"{experiment.remote}; `dvc exp apply {name}` brings it into a checkout")
+    return experiment
+
+
+def top_trials(workspace: Path, count: int = TOP_TRIALS) -> list[dict[str, Any]]:
     """The tune stage's best trials (its trials.csv is sorted best first)."""
-    with open(TRIALS, newline="") as handle:
+    with open(workspace / stages(workspace)["tune"].output("trials.csv"), newline="") as handle:
         return list(itertools.islice(csv.DictReader(handle), count))
 
 
 @flow(name="kiln", log_prints=True)
-def pipeline(overrides: dict[str, Any] | None = None) -> dict[str, str]:
-    """Apply `overrides` (dotted params.yaml keys, validated first) and bring every stage up to date."""
-    write_overrides("params.yaml", overrides or {})
-    statuses = {stage: run_stage(stage) for stage in dag_stages()}
-    create_markdown_artifact(run_report(statuses), key="kiln-run-report", description="kiln pipeline run")
-    if TRIALS.is_file():
-        create_table_artifact(top_trials(), key="kiln-top-trials", description=f"best {TOP_TRIALS} tune trials")
-    return statuses
+def pipeline(overrides: dict[str, Any] | None = None,
+             workspace: Literal["clone", "here"] = "clone") -> dict[str, Any]:
+    """Apply `overrides` (dotted params.yaml keys, validated before anything else) in a workspace of this run and
+    bring every stage up to date there; returns each stage's status and the experiment's name."""
+    source = Path.cwd()
+    load_params(source / PARAMS_FILE, overrides)  # a bad override fails here, naming the key
+    if workspace == "clone":
+        os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())  # the checkout's store, not the workspace's
+    folder = open_workspace(workspace, source)
+    write_overrides(folder / PARAMS_FILE, overrides or {})
+    statuses = {stage: run_stage(stage, folder, pull=workspace == "here") for stage in stages(folder)}
+    name = f"{flow_run.get_name() or 'kiln'}-{str(flow_run.get_id() or '')[:8]}".strip("-")
+    experiment = record(folder, name, shared_cache=workspace == "clone", evaluated=statuses.get("evaluate") == RAN)
+    create_markdown_artifact(markdown({stage: (status, None) for stage, status in statuses.items()}, folder)
+                             + f"\n\nDVC experiment `{name}` ({experiment.commit[:10]})",
+                             key="kiln-run-report", description="kiln pipeline run")
+    create_table_artifact(top_trials(folder), key="kiln-top-trials", description=f"best {TOP_TRIALS} tune trials")
+    if workspace == "clone":
+        shutil.rmtree(folder.parent, ignore_errors=True)
+    return {"stages": statuses, "experiment": name, "commit": experiment.commit}
 
 
-def main(
-    assignments: Annotated[list[str], typer.Option("--set", "-S", help="Override a params.yaml key: train.epochs=3")],
-) -> None:
-    """Run the flow once, here (Prefect's ephemeral API unless PREFECT_API_URL is set)."""
+def run_from_cli(assignments: list[str]) -> None:
+    """`kiln flow -S key=value ...`: run the flow once, here (Prefect's ephemeral API unless PREFECT_API_URL is set),
+    printing the result as one JSON line."""
     overrides = {}
     for assignment in assignments:
         key, sep, value = assignment.partition("=")
         if not sep:
-            raise typer.BadParameter(f"{assignment!r} is not KEY=VALUE", param_hint="--set")
+            sys.exit(f"--set {assignment!r} is not KEY=VALUE")
         overrides[key] = yaml.safe_load(value)
     try:
-        statuses = pipeline(overrides=overrides)
-    except ParamsError as exc:
+        result = pipeline(overrides=overrides)
+    except InputError as exc:
         sys.exit(str(exc))
-    print(json.dumps({"stages": statuses}))
-
-
-if __name__ == "__main__":
-    typer.run(main)
+    print(json.dumps(result))

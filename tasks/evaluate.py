@@ -1,24 +1,18 @@
-"""Stage `evaluate`: the baseline (fp32 torch, models/model.pt) and the deployable model (models/deployable.onnx, the
-variant compress selected) on the test split; MLflow logging; registration of the deployable; the promotion gate.
+"""Stage `evaluate`: the fp32 baseline (--model, PyTorch) and the deployable model (--deployable, the ONNX variant
+compress selected) on the test split; MLflow logging; registration of the deployable; the promotion gate.
 
-Both models get the same metrics (kiln.evaluation): accuracy, macro-F1, per-class precision and recall, ECE,
-robustness on a stratified test subset (FGSM and PGD examples crafted on the fp32 model, so white-box for the baseline
-and a transfer attack for the deployable; Gaussian noise), batched latency and file size. Integrated Gradients
-explain the fp32 model (kiln.explain).
-
-MLflow: a parent run `evaluate` (the deployable's metrics as they are, the baseline's prefixed `fp32_`, the reports,
-the gate's decision) with child runs `baseline` and `deployable` (tag kiln.stage=evaluate-model) that log the same
-metric keys and their model: the baseline in the PyTorch flavour, the deployable in the ONNX flavour (what batch
-inference loads), registered with lineage tags. Everything is computed before anything is logged and the aliases move
-last (kiln.registry.promote); report files move into place only when all of it succeeded.
+Metrics and reports: kiln.evaluate.report. MLflow: a parent run `evaluate` (the deployable's metrics as they are, the
+baseline's prefixed `fp32_`, the reports, the gate's decision) with child runs `baseline` and `deployable` (tag
+kiln.stage=evaluate-model) that log the same metric keys and their model: the baseline in the PyTorch flavour, the
+deployable in the ONNX flavour (what batch inference loads), registered with lineage tags. Everything is computed
+before anything is logged, the aliases move last (kiln.evaluate.registry.promote), and the report files (with
+registration.json: the version and the gate's decision) move into place only when all of it succeeded.
 """
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -27,88 +21,102 @@ import numpy as np
 import onnx
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
+from torch import nn
 
-from kiln.config import Params
-from kiln.data import load_split, read_manifest, stratified_head, to_float
-from kiln.evaluation import Logits, ModelEvaluation, evaluate_model, perturbed_sets, torch_logits
-from kiln.explain import save_explanations
-from kiln.io import atomic_path, read_json, write_json
-from kiln.metrics import confusion
-from kiln.models import load_trained_model
-from kiln.onnx_tools import measure_latency, onnx_runner
-from kiln.plots import save_confusion_matrix, save_reliability_diagram
-from kiln.registry import PREDICTIONS, Decision, Gate, predictions_record, promote
-from kiln.tracking import lineage_tags, use_experiment
+from kiln.core.errors import InputError
+from kiln.core.files import atomic_path, read_json, write_json
+from kiln.core.inference import onnx_logits, torch_logits
+from kiln.core.models import load_trained_model
+from kiln.core.params import Params
+from kiln.core.prepared import load_split, read_manifest, stratified_head, to_float
+from kiln.core.tracking import lineage_tags, use_experiment
+from kiln.evaluate.explain import save_explanations
+from kiln.evaluate.measures import perturbed_sets
+from kiln.evaluate.registry import PREDICTIONS, Decision, Gate, predictions_record, promote
+from kiln.evaluate.report import REPORTS, Candidate, Evaluated, evaluate_candidates, summary_metrics, write_reports
 
-SEED = 0  # the robustness subset, PGD's random start, the noise
 EXAMPLE_ROWS = 2  # of the logged input example: torch.export would fix a batch dimension of 1
-REPORTS = {"metrics": "metrics.json", "predictions": "predictions.csv", "confusion": "confusion_matrix.png",
-           "fp32_confusion": "confusion_matrix_fp32.png", "per_class": "per_class.csv",
-           "fp32_reliability": "reliability_fp32.csv", "reliability": "reliability_deployable.csv",
-           "reliability_plot": "reliability.png", "explanations": "integrated_gradients.png"}
+REGISTRATION = "registration.json"
 
 
-@dataclass(frozen=True)
-class Evaluated:
-    role: str  # the child run's name: baseline | deployable
-    variant: str  # fp32, or the compress variant deployable.onnx holds
-    path: Path
-    attack: str  # how its adversarial examples were made: white-box | transfer-from-fp32
-    logits: Logits
-    result: ModelEvaluation
+def run(params: Params, data: Path, model: Path, deployable: Path, selection: Path,
+        reports: Path) -> tuple[dict[str, float], Decision]:
+    """Evaluate both models, log them, register the deployable one and apply the promotion gate."""
+    for path, stage in ((model, "train"), (deployable, "compress"), (selection, "compress")):
+        if not path.is_file():
+            raise InputError(f"{path}: missing; run the {stage} stage first (dvc repro {stage})")
+    settings = params.evaluate
+    classes = read_manifest(data)["classes"]
+    x_test, y_test = load_split(data, "test")
+    images = to_float(x_test)
+    fp32_model, saved = load_trained_model(str(model))
+    variant = read_json(selection)["selected_variant"]
+    subset = stratified_head(y_test, settings.robustness_samples, settings.seed)
+    sets = perturbed_sets(fp32_model, images[subset], y_test[subset], settings, source="fp32", seed=settings.seed)
+    candidates = [Candidate("baseline", "fp32", model, "white-box", torch_logits(fp32_model)),
+                  Candidate("deployable", variant, deployable, "transfer-from-fp32", onnx_logits(deployable))]
+    models = evaluate_candidates(candidates, images, y_test, classes, settings.calibration_bins, sets,
+                                 y_test[subset], params.latency)
+    summary = summary_metrics(models)
+
+    lineage = {**lineage_tags(params, data), "kiln.train_run_id": saved["mlflow_run_id"],
+               "kiln.tune_run_id": saved["tune_run_id"]}
+    with ExitStack() as stack:  # the reports move into place when the block exits without error
+        out = {key: stack.enter_context(atomic_path(reports / name))
+               for key, name in {**REPORTS, "registration": REGISTRATION}.items()}
+        write_reports(out, models, y_test, classes)
+        save_explanations(fp32_model, images, y_test, classes, settings.explain_steps, out["explanations"])
+        decision = log_and_register(params, models, fp32_model, lineage, out, x_test, y_test, classes)
+        write_json(out["registration"], {"registered_model": params.tracking.registered_model, **decision.as_dict()})
+    verdict = "promoted to champion" if decision.promoted else f"champion stays v{decision.champion_version}"
+    print(f"evaluate: test_accuracy={summary['test_accuracy']:.4f} macro_f1={summary['test_macro_f1']:.4f} "
+          f"(fp32 {summary['fp32_test_accuracy']:.4f}); registered {params.tracking.registered_model} "
+          f"v{decision.version} ({variant}) as challenger, {verdict}: {decision.reason}")
+    return summary, decision
 
 
-def deployable_variant(selection_path: Path) -> str:
-    """The variant compress selected as deployable, from its selection.json; 'unknown' without one."""
-    return read_json(selection_path)["selected_variant"] if selection_path.is_file() else "unknown"
-
-
-def pinned(*packages: str) -> list[str]:
-    """pip requirements pinning the installed versions (MLflow would otherwise infer them, slowly)."""
-    return [f"{name}=={version(name)}" for name in packages]
-
-
-def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(header)
-        writer.writerows(rows)
-
-
-def write_reports(out: dict[str, Path], models: dict[str, Evaluated], labels: np.ndarray, classes: list[str],
-                  summary: dict[str, float]) -> None:
-    """Every file of reports/evaluate, at the (temporary) paths in `out`."""
+def log_and_register(params: Params, models: dict[str, Evaluated], fp32_model: nn.Module, lineage: dict[str, str],
+                     out: dict[str, Path], x_test: np.ndarray, y_test: np.ndarray, classes: list[str]) -> Decision:
+    """The parent run and a child run per model; the deployable registered, then the gate moves the aliases."""
+    use_experiment(params.tracking.experiment)
     baseline, deployable = models["baseline"], models["deployable"]
-    for key, model in (("fp32_confusion", baseline), ("confusion", deployable)):
-        save_confusion_matrix(confusion(labels, model.result.predicted, len(classes)), classes, out[key],
-                              f"{model.role} model ({model.variant}), test split")
-    write_csv(out["predictions"], ["actual", "predicted"],
-              [[classes[a], classes[p]] for a, p in zip(labels, deployable.result.predicted, strict=True)])
-    support = np.bincount(labels, minlength=len(classes))
-    write_csv(out["per_class"], ["class", "support", "fp32_precision", "fp32_recall", "deployable_precision",
-                                 "deployable_recall"],
-              [[name, int(support[index]), baseline.result.precision[index], baseline.result.recall[index],
-                deployable.result.precision[index], deployable.result.recall[index]]
-               for index, name in enumerate(classes)])
-    columns = ["lower", "upper", "count", "confidence", "accuracy"]
-    for key, model in (("fp32_reliability", baseline), ("reliability", deployable)):
-        write_csv(out[key], columns, [[row[column] for column in columns] for row in model.result.calibration.bins])
-    save_reliability_diagram({f"{model.role} ({model.variant})": model.result.calibration.bins
-                              for model in models.values()},
-                             {f"{model.role} ({model.variant})": model.result.calibration.ece
-                              for model in models.values()},
-                             out["reliability_plot"], "reliability, test split")
-    write_json(out["metrics"], summary)
+    example = to_float(x_test[:EXAMPLE_ROWS])
+    variant = deployable.candidate.variant
+    with mlflow.start_run(run_name="evaluate", tags={"kiln.stage": "evaluate", "kiln.deployable_variant": variant,
+                                                     **lineage}) as parent:
+        mlflow.log_params(params.evaluate.model_dump())
+        mlflow.log_metrics(summary_metrics(models))
+        for key in REPORTS:
+            mlflow.log_artifact(str(out[key]))
+        with child_run(baseline, lineage, x_test, y_test, out["fp32_confusion"]):
+            mlflow.pytorch.log_model(fp32_model, name="model", input_example=example, metadata={"classes": classes},
+                                     signature=infer_signature(example, baseline.candidate.logits(example)),
+                                     pip_requirements=pinned("torch"))
+        with child_run(deployable, lineage, x_test, y_test, out["confusion"]):
+            info = mlflow.onnx.log_model(
+                onnx.load(str(deployable.candidate.path)), name="model", input_example=example,
+                metadata={"classes": classes}, signature=infer_signature(example, deployable.candidate.logits(example)),
+                pip_requirements=pinned("onnx", "onnxruntime"))
+            name = params.tracking.registered_model
+            registered = mlflow.register_model(info.model_uri, name, tags={
+                **lineage, "kiln.variant": variant, "kiln.evaluate_run_id": parent.info.run_id})
+            gate = Gate(params.evaluate.gate_metric, params.evaluate.gate_margin, params.evaluate.gate_alpha)
+            decision = promote(MlflowClient(), name, registered.version, gate)
+            log_decision(decision)
+        log_decision(decision)
+    return decision
 
 
 @contextmanager
-def child_run(model: Evaluated, tags: dict[str, str], record: dict, confusion_plot: Path) -> Iterator[None]:
-    """A nested run for one evaluated model: its metrics (the same keys for every model), params, tags, predictions."""
-    tags = {**tags, "kiln.stage": "evaluate-model", "kiln.variant": model.variant, "kiln.attack": model.attack}
-    with mlflow.start_run(run_name=model.role, nested=True, tags=tags):
-        mlflow.log_params({"variant": model.variant, "model_file": str(model.path), "attack": model.attack})
+def child_run(model: Evaluated, tags: dict[str, str], x_test: np.ndarray, y_test: np.ndarray,
+              confusion_plot: Path) -> Iterator[None]:
+    """A nested run for one model: its metrics (the same keys for every model), params, tags, paired predictions."""
+    candidate = model.candidate
+    tags = {**tags, "kiln.stage": "evaluate-model", "kiln.variant": candidate.variant, "kiln.attack": candidate.attack}
+    with mlflow.start_run(run_name=candidate.role, nested=True, tags=tags):
+        mlflow.log_params({"variant": candidate.variant, "model_file": str(candidate.path), "attack": candidate.attack})
         mlflow.log_metrics({**model.result.metrics, **model.result.per_class})
-        mlflow.log_dict(record, PREDICTIONS)
+        mlflow.log_dict(predictions_record(x_test, y_test, model.result.predicted), PREDICTIONS)
         mlflow.log_artifact(str(confusion_plot))
         yield
 
@@ -122,77 +130,6 @@ def log_decision(decision: Decision) -> None:
                         if getattr(decision, key) is not None})
 
 
-def run(
-    params: Params,
-    prepared_dir: Path = Path("data/prepared"),
-    model_path: Path = Path("models/model.pt"),
-    onnx_path: Path = Path("models/deployable.onnx"),
-    report_dir: Path = Path("reports/evaluate"),
-    selection_path: Path = Path("reports/compress/selection.json"),
-) -> tuple[dict[str, float], Decision]:
-    """Evaluate both models, log them, register the deployable one and apply the promotion gate."""
-    for path, stage in ((model_path, "train"), (onnx_path, "compress")):
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; run the {stage} stage first (dvc repro {stage})")
-    settings = params.evaluate
-    classes = read_manifest(prepared_dir)["classes"]
-    x_test, y_test = load_split(prepared_dir, "test")
-    images = to_float(x_test)
-    fp32_model, saved = load_trained_model(str(model_path))
-    variant = deployable_variant(selection_path)
-
-    subset = stratified_head(y_test, settings.robustness_samples, SEED)
-    sets = perturbed_sets(fp32_model, images[subset], y_test[subset], settings, source="fp32", seed=SEED)
-    batch = np.resize(images, (params.compress.latency_batch_size, *images.shape[1:]))
-    candidates = (("baseline", "fp32", model_path, "white-box", torch_logits(fp32_model)),
-                  ("deployable", variant, onnx_path, "transfer-from-fp32", onnx_runner(onnx_path)))
-    models: dict[str, Evaluated] = {}
-    for role, name, path, attack, logits in candidates:
-        result = evaluate_model(logits, images, y_test, classes, settings.calibration_bins, sets, y_test[subset])
-        timing = measure_latency(logits, batch, params.compress.latency_repeats)
-        result.metrics.update({f"latency_batched_{key}": value for key, value in timing.items()})
-        result.metrics["model_size_bytes"] = path.stat().st_size
-        models[role] = Evaluated(role, name, path, attack, logits, result)
-        print(f"evaluate: {role} ({name}) " + " ".join(f"{key}={value:.4g}" for key, value in result.metrics.items()))
-    baseline, deployable = models["baseline"], models["deployable"]
-    summary = {**deployable.result.metrics, **{f"fp32_{key}": value for key, value in baseline.result.metrics.items()}}
-
-    use_experiment(settings.experiment)
-    lineage = {**lineage_tags(params, prepared_dir), "kiln.train_run_id": saved["mlflow_run_id"],
-               "kiln.tune_run_id": saved["tune_run_id"]}
-    example = images[:EXAMPLE_ROWS]
-    gate = Gate(settings.gate_metric, settings.gate_margin, settings.gate_alpha)
-    with ExitStack() as stack:  # the reports move into place when the block exits without error
-        out = {key: stack.enter_context(atomic_path(report_dir / name)) for key, name in REPORTS.items()}
-        write_reports(out, models, y_test, classes, summary)
-        save_explanations(fp32_model, images, y_test, classes, settings.explain_steps, out["explanations"])
-        with mlflow.start_run(run_name="evaluate", tags={"kiln.stage": "evaluate", "kiln.deployable_variant": variant,
-                                                         **lineage}) as parent:
-            mlflow.log_params(settings.model_dump())
-            mlflow.log_metrics(summary)
-            for key in REPORTS:
-                mlflow.log_artifact(str(out[key]))
-            with child_run(baseline, lineage, predictions_record(x_test, y_test, baseline.result.predicted),
-                           out["fp32_confusion"]):
-                mlflow.pytorch.log_model(
-                    fp32_model, name="model", input_example=example, metadata={"classes": classes},
-                    signature=infer_signature(example, baseline.logits(example)),
-                    pip_requirements=pinned("torch"),
-                )
-            with child_run(deployable, lineage, predictions_record(x_test, y_test, deployable.result.predicted),
-                           out["confusion"]):
-                info = mlflow.onnx.log_model(
-                    onnx.load(str(onnx_path)), name="model", input_example=example, metadata={"classes": classes},
-                    signature=infer_signature(example, deployable.logits(example)),
-                    pip_requirements=pinned("onnx", "onnxruntime"),
-                )
-                version_tags = {**lineage, "kiln.variant": variant, "kiln.evaluate_run_id": parent.info.run_id}
-                registered = mlflow.register_model(info.model_uri, settings.registered_model, tags=version_tags)
-                decision = promote(MlflowClient(), settings.registered_model, registered.version, gate)
-                log_decision(decision)
-            log_decision(decision)
-    verdict = "promoted to champion" if decision.promoted else f"champion stays v{decision.champion_version}"
-    print(f"evaluate: test_accuracy={summary['test_accuracy']:.4f} macro_f1={summary['test_macro_f1']:.4f} "
-          f"(fp32 {summary['fp32_test_accuracy']:.4f}); registered {settings.registered_model} v{decision.version} "
-          f"({variant}) as challenger, {verdict}: {decision.reason}")
-    return summary, decision
+def pinned(*packages: str) -> list[str]:
+    """pip requirements pinning the installed versions (MLflow would otherwise infer them, slowly)."""
+    return [f"{name}=={version(name)}" for name in packages]

@@ -1,4 +1,4 @@
-"""Batch inference: `python -m tasks.predict INPUT [--output predictions.csv] [--model-uri models:/kiln@champion]`.
+"""Batch inference: `kiln predict INPUT [--output predictions.csv] [--model-uri models:/kiln@champion]`.
 
 Classifies an `.npy` array (uint8 0..255 or float in [0, 1]; (N, C, H, W), or (N, H, W) for one channel) or a
 folder of PNG/JPEG images with a registered ONNX model through ONNX Runtime, and writes `item,predicted,confidence`
@@ -9,26 +9,22 @@ without a traceback, exits 1, and leaves no CSV behind (an existing one is kept 
 from __future__ import annotations
 
 import csv
-import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated
 
 import mlflow
 import numpy as np
 import onnx
-import typer
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from PIL import Image
 
-from kiln.errors import InputError
-from kiln.io import atomic_path
-from kiln.onnx_tools import predict_onnx
-from kiln.tracking import tracking_uri
+from kiln.core.errors import InputError
+from kiln.core.files import atomic_path
+from kiln.core.inference import predict_onnx
+from kiln.core.tracking import tracking_uri
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-DEFAULT_MODEL = "models:/kiln@champion"
 
 
 class ModelUnavailable(InputError):
@@ -129,7 +125,7 @@ def read_input(path: Path, chw: tuple[int, int, int]) -> tuple[list[str], np.nda
     return [str(index) for index in range(len(images))], images
 
 
-def predict(input_path: Path, output: Path, model_uri: str = DEFAULT_MODEL) -> int:
+def predict(input_path: Path, output: Path, model_uri: str) -> int:
     """Classify `input_path` with `model_uri` and write the predictions CSV atomically; returns the item count."""
     with tempfile.TemporaryDirectory(prefix="kiln-predict-") as workdir:
         onnx_path, chw, classes = load_model(model_uri, Path(workdir))
@@ -146,20 +142,3 @@ def predict(input_path: Path, output: Path, model_uri: str = DEFAULT_MODEL) -> i
             for item, label, score in zip(items, logits.argmax(1), confidence, strict=True)
         )
     return len(items)
-
-
-def main(
-    input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="An .npy array or a folder of PNG/JPEG images.")],
-    output: Annotated[Path, typer.Option(help="The CSV to write.")] = Path("predictions.csv"),
-    model_uri: Annotated[str, typer.Option(help="The registered ONNX model.")] = DEFAULT_MODEL,
-) -> None:
-    """Classify a batch of images with a registered model and write item,predicted,confidence rows."""
-    try:
-        count = predict(input_path, output, model_uri)
-    except InputError as exc:
-        sys.exit(f"predict: {exc}")
-    print(f"predict: {count} items from {input_path} with {model_uri} -> {output}")
-
-
-if __name__ == "__main__":
-    typer.run(main)

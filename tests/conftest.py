@@ -16,21 +16,24 @@ import pytest
 import torch
 import yaml
 
-from kiln.config import validate_params
-from kiln.models import build_model
-from tasks.prepare import prepare
+from kiln.core.models import build_model
+from kiln.core.params import validate_params
+from tasks import prepare
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 # Shrunken params: scikit-learn's digits, a few epochs, two tiny trials.
 TINY_PARAMS = {
-    "prepare": {"dataset": "digits", "data_dir": "unused", "val_fraction": 0.15, "test_fraction": 0.2, "seed": 0},
+    "tracking": {"experiment": "kiln", "registered_model": "kiln"},
+    "latency": {"batch_size": 32, "rounds": 3, "calls": 5, "warmup_calls": 3},
+    "prepare": {"dataset": "digits", "data_dir": "data/raw/fashion-mnist", "val_fraction": 0.15, "test_fraction": 0.2,
+                "seed": 0},
     "tune": {
         "search": "random", "scheduler": "fifo", "num_samples": 2, "epochs": 2, "grace_period": 1,
         "reduction_factor": 2, "perturbation_interval": 1, "max_train_samples": 400, "cpus_per_trial": 1,
         "workers_per_trial": 1, "metric": "val_accuracy", "mode": "max",
-        "search_space": {"lr": {"type": "loguniform", "low": 0.02, "high": 0.1}},
+        "search_space": {"lr": {"type": "loguniform", "low": 0.02, "high": 0.1}}, "seed": 0,
     },
     "train": {
         "model": "lenet", "dropout": 0.0, "weights": None, "epochs": 6, "batch_size": 32, "optimizer": "sgd",
@@ -42,15 +45,12 @@ TINY_PARAMS = {
     "compress": {
         "variants": ["fp32", "int8", "pruned", "pruned_int8", "channel_pruned", "channel_pruned_int8", "distilled",
                      "distilled_int8"],
-        "calibration_samples": 128, "latency_batch_size": 32, "latency_repeats": 5, "sparsity": 0.5,
+        "calibration_samples": 128, "sparsity": 0.5,
         "channel_keep": 0.5, "student_width": 0.5, "distill_temperature": 2.0, "distill_alpha": 0.7,
         "distill_epochs": 10, "distill_lr": 0.02, "finetune_epochs": 2, "finetune_lr": 0.01, "finetune_samples": 1200,
-        "finetune_batch_size": 32, "max_accuracy_drop_points": 2.0, "min_speedup": 1.0,
+        "finetune_batch_size": 32, "max_accuracy_drop_points": 2.0, "min_speedup": 1.1, "seed": 0,
     },
-    "evaluate": {
-        "experiment": "kiln", "registered_model": "kiln",
-        "gate_metric": "test_accuracy", "gate_margin": 0.0, "gate_alpha": 0.05,
-    },
+    "evaluate": {"gate_metric": "test_accuracy", "gate_margin": 0.0, "gate_alpha": 0.05, "seed": 0},
 }
 
 
@@ -71,11 +71,12 @@ def train_lenet(spec: dict, images: torch.Tensor, labels: torch.Tensor) -> torch
 def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """TINY_PARAMS' dataset (digits), prepared once per session (test_compress builds its own `prepared`)."""
     out = tmp_path_factory.mktemp("prepared") / "prepared"
-    prepare(validate_params(TINY_PARAMS).prepare, out)
+    prepare.run(validate_params(TINY_PARAMS), out)
     return out
 
 
-GENERATED = ("dvc.lock", "reports/", "data/", "models/")  # a clone starts without pipeline outputs
+GENERATED = ("dvc.lock", "reports/", "data/prepared", "models/")  # a clone starts without pipeline outputs
+RAW_DATA = Path("data/raw/fashion-mnist")  # data/raw/fashion-mnist.dvc's output, which `make data` brings
 
 
 def free_port() -> int:
@@ -164,6 +165,9 @@ def copy_repo(target: Path, params: dict) -> Path:
         if (REPO / name).is_file() and not name.startswith(GENERATED):
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, target / name)
+    if not (REPO / RAW_DATA).is_dir():
+        raise RuntimeError(f"{REPO / RAW_DATA} is missing: run `make data` (the tests' repositories track it too)")
+    shutil.copytree(REPO / RAW_DATA, target / RAW_DATA)  # as `dvc pull` would bring it
     (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q"], ["git", "add", "-A"],
                     ["git", "-c", "user.email=ci@kiln", "-c", "user.name=ci", "commit", "-qm", "copy"]):
@@ -181,9 +185,11 @@ STAGES = ["prepare", "tune", "train", "compress", "evaluate"]
 
 @pytest.fixture(scope="session")
 def reproduced(tiny_repo: Path) -> Path:
-    """The whole DAG through `dvc repro` in `tiny_repo`, once per session: the end-to-end and MLflow UI tests share
-    it (test_pipeline's later tests re-run and override stages, so they see its state as it was left)."""
-    result = run(["dvc", "repro"], cwd=tiny_repo, timeout=900)
+    """The whole DAG through `kiln run` (`dvc repro` and the summary) in `tiny_repo`, once per session: the end-to-end
+    and MLflow UI tests share it (test_pipeline's later tests re-run and override stages, so they see its state as it
+    was left). Its output goes to kiln-run.log beside the repository."""
+    result = run([str(BIN / "kiln"), "run"], cwd=tiny_repo, timeout=900)
+    (tiny_repo.parent / "kiln-run.log").write_text(result.stdout)
     for stage in STAGES:
         assert f"Running stage '{stage}'" in result.stdout
     return tiny_repo

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
 import time
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kiln.config import ParamsError, apply_overrides, load_params, validate_params, write_overrides
+from kiln.core.contract import stages
+from kiln.core.params import ParamsError, apply_overrides, load_params, validate_params, write_overrides
 from tests.conftest import REPO, TINY_PARAMS
 
 STOCK = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -95,9 +97,13 @@ def test_override_of_unknown_section_is_named() -> None:
 def test_write_overrides_keeps_comments_and_refuses_bad_values(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
     path.write_text((REPO / "params.yaml").read_text())
-    write_overrides(path, {"train.epochs": 3})
+    stock = path.read_text()
+    write_overrides(path, {"train.epochs": STOCK["train"]["epochs"], "train.weights": None})
+    assert path.read_text() == stock, "values that already match leave the file untouched"
+    write_overrides(path, {"train.epochs": 3, "compress.sparsity": 0.6})
     assert load_params(path).train.epochs == 3
-    assert "# Every knob of the pipeline" in path.read_text()
+    changed = [(a, b) for a, b in zip(stock.splitlines(), path.read_text().splitlines(), strict=True) if a != b]
+    assert [b.split("#")[0].strip() for _, b in changed] == ["epochs: 3", "sparsity: 0.6"], changed
     before = path.read_text()
     with pytest.raises(ParamsError, match="train.lr"):
         write_overrides(path, {"train.lr": -1})
@@ -108,8 +114,8 @@ def test_stage_cli_rejects_bad_params_fast(tmp_path: Path) -> None:
     bad = apply_overrides(STOCK, {"train.lr": -1})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "tasks", "train", "--params", str(tmp_path / "params.yaml")],
-                            cwd=REPO, capture_output=True, text=True)
+    command = [*shlex.split(stages(REPO)["train"].cmd), "--params", str(tmp_path / "params.yaml")]
+    result = subprocess.run([sys.executable, *command[1:]], cwd=REPO, capture_output=True, text=True)
     assert time.monotonic() - started < 5
     assert result.returncode == 1
     assert "train.lr: Input should be greater than 0" in result.stderr

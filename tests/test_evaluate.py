@@ -18,18 +18,23 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch import nn
 
-from kiln.config import EvaluateParams, Params, ParamsError, apply_overrides, validate_params
-from kiln.data import MANIFEST, SPLITS, load_split, save_split, split_file, to_float
-from kiln.evaluation import calibration, class_keys, perturbed_sets, robustness, torch_logits
-from kiln.explain import integrated_gradients, save_explanations
-from kiln.io import write_json
-from kiln.models import load_trained_model, save_trained_model
-from kiln.onnx_tools import export_onnx, onnx_runner, quantize_int8
-from kiln.plots import ATTRIBUTION_CELL_INCHES
-from kiln.registry import Decision, GateError
+from kiln.compress.onnx_export import export_onnx, quantize_int8
+from kiln.core.contract import stages
+from kiln.core.errors import InputError
+from kiln.core.files import write_json
+from kiln.core.inference import onnx_logits, torch_logits
+from kiln.core.models import load_trained_model, save_trained_model
+from kiln.core.params import EvaluateParams, Params, ParamsError, apply_overrides, validate_params
+from kiln.core.prepared import MANIFEST, SPLITS, load_split, save_split, split_file, to_float
+from kiln.evaluate.explain import integrated_gradients, save_explanations
+from kiln.evaluate.measures import calibration, class_keys, perturbed_sets, robustness
+from kiln.evaluate.plots import ATTRIBUTION_CELL_INCHES
+from kiln.evaluate.registry import Decision, GateError
+from kiln.evaluate.report import HEADLINE
 from tasks import evaluate
 from tests.conftest import TINY_PARAMS, train_lenet
 
+REPO = Path(__file__).resolve().parents[1]
 CLASSES = [str(digit) for digit in range(10)]
 RUN_IDS = {"mlflow_run_id": "train-run-of-the-fixture", "tune_run_id": "tune-run-of-the-fixture"}
 
@@ -65,7 +70,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def params() -> Params:
     overrides = {"evaluate.fgsm_epsilons": [0.05, 0.2], "evaluate.pgd_epsilons": [0.1], "evaluate.pgd_steps": 3,
                  "evaluate.noise_sigmas": [0.1], "evaluate.robustness_samples": 150, "evaluate.calibration_bins": 10,
-                 "evaluate.explain_steps": 16, "compress.latency_repeats": 3}
+                 "evaluate.explain_steps": 16, "latency.calls": 3}
     return validate_params(apply_overrides(TINY_PARAMS, overrides))
 
 
@@ -94,7 +99,7 @@ def inside(root: Path) -> Iterator[Path]:
 def stage(workspace: Path, params: Params) -> tuple[Path, dict, Decision]:
     """One evaluate run in the workspace: its root, summary metrics and gate decision."""
     with inside(workspace):
-        summary, decision = evaluate.run(params)
+        summary, decision = evaluate_in(workspace, params)
     return workspace, summary, decision
 
 
@@ -103,6 +108,12 @@ def second_workspace(stage: tuple[Path, dict, Decision], tmp_path: Path) -> Iter
     """A copy of the workspace after the first evaluation (version 1 is champion), current directory during a test."""
     with inside(shutil.copytree(stage[0], tmp_path / "copy")) as root:
         yield root
+
+
+def evaluate_in(root: Path, params: Params, **paths: Path) -> tuple[dict, Decision]:
+    """The stage with its dvc.yaml paths under `root` (or `paths` in their place)."""
+    contract = {role: root / path for role, path in stages(REPO)["evaluate"].paths.items()}
+    return evaluate.run(params, **{**contract, **paths})
 
 
 def client_for(root: Path) -> MlflowClient:
@@ -136,7 +147,7 @@ def test_class_names_become_metric_keys() -> None:
 def test_robustness_falls_as_the_attack_grows(fp32: nn.Module, digits_test: tuple[np.ndarray, np.ndarray],
                                               workspace: Path) -> None:
     images, labels = digits_test
-    settings = EvaluateParams(experiment="e", registered_model="m", gate_metric="test_accuracy", gate_margin=0,
+    settings = EvaluateParams(seed=0, gate_metric="test_accuracy", gate_margin=0,
                               gate_alpha=0.05, fgsm_epsilons=[0.02, 0.1, 0.3], pgd_epsilons=[0.1], pgd_steps=5,
                               noise_sigmas=[0.05, 0.5])
     sets = perturbed_sets(fp32, images, labels, settings)
@@ -150,7 +161,7 @@ def test_robustness_falls_as_the_attack_grows(fp32: nn.Module, digits_test: tupl
     assert white_box["robust_clean_accuracy"] > fgsm[0] > fgsm[1] > fgsm[2]
     assert white_box["robust_pgd_from_fp32_eps0.1_accuracy"] <= fgsm[1]
     assert white_box["robust_noise_sigma0.5_accuracy"] < white_box["robust_noise_sigma0.05_accuracy"]
-    transfer = robustness(onnx_runner(workspace / "models/deployable.onnx"), sets, labels)  # int8: no gradients
+    transfer = robustness(onnx_logits(workspace / "models/deployable.onnx"), sets, labels)  # int8: no gradients
     assert transfer["robust_fgsm_from_fp32_eps0.3_accuracy"] < transfer["robust_clean_accuracy"] - 0.3
 
 
@@ -174,11 +185,18 @@ def test_integrated_gradients_are_complete_and_drawn_as_one_grid(
 def test_stage_logs_both_models_side_by_side(stage: tuple[Path, dict, Decision]) -> None:
     root, summary, decision = stage
     reports = root / "reports/evaluate"
-    assert json.loads((reports / "metrics.json").read_text()) == summary
+    assert json.loads((reports / "metrics.json").read_text()) == {
+        key: value for key, value in summary.items() if key.removeprefix("fp32_") in HEADLINE}
+    full = json.loads((reports / "models.json").read_text())
+    assert {**full["deployable"]["metrics"], **{f"fp32_{k}": v for k, v in full["baseline"]["metrics"].items()}} == (
+        summary) and full["deployable"]["variant"] == "int8"
+    registration = json.loads((reports / "registration.json").read_text())
+    assert registration == {"registered_model": "kiln", **decision.as_dict()} and registration["version"] == "1"
     headline = {"test_accuracy", "test_macro_f1", "test_ece", "robust_clean_accuracy",
                 "robust_fgsm_from_fp32_eps0.05_accuracy", "robust_fgsm_from_fp32_eps0.2_accuracy",
                 "robust_pgd_from_fp32_eps0.1_accuracy", "robust_noise_sigma0.1_accuracy",
-                "latency_batched_p50_ms", "latency_batched_p95_ms", "latency_batched_images_per_s", "model_size_bytes"}
+                "latency_batched_p50_ms", "latency_batched_p50_min_ms", "latency_batched_p50_max_ms",
+                "latency_batched_images_per_s", "model_size_bytes"}
     assert set(summary) == headline | {f"fp32_{key}" for key in headline}
     assert summary["test_accuracy"] > 0.85 and abs(summary["test_accuracy"] - summary["fp32_test_accuracy"]) < 0.03
     assert summary["model_size_bytes"] < summary["fp32_model_size_bytes"]
@@ -232,7 +250,7 @@ def test_logged_models_load_back_and_predict(stage: tuple[Path, dict, Decision],
 
 
 def test_an_equal_challenger_leaves_the_champion(second_workspace: Path, params: Params, tmp_path: Path) -> None:
-    _, decision = evaluate.run(params)
+    _, decision = evaluate_in(second_workspace, params)
     client = client_for(second_workspace)
     assert not decision.promoted and decision.delta == 0 and aliases(client) == {"champion": "1", "challenger": "2"}
     run_id = client.get_model_version("kiln", "2").run_id
@@ -259,16 +277,17 @@ def test_failure_leaves_aliases_and_reports(second_workspace: Path, params: Para
         expected = GateError
     before, reports = aliases(client), snapshot(second_workspace / "reports")
     with pytest.raises(expected):
-        evaluate.run(params)
+        evaluate_in(second_workspace, params)
     assert aliases(client) == before and snapshot(second_workspace / "reports") == reports
 
 
 def test_missing_deployable_is_named_first(params: Params, tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"models/model.pt: missing; run the train stage"):
-        evaluate.run(params, model_path=tmp_path / "models/model.pt")
-    (tmp_path / "model.pt").touch()
-    with pytest.raises(FileNotFoundError, match=r"deployable.onnx: missing; run the compress stage"):
-        evaluate.run(params, model_path=tmp_path / "model.pt", onnx_path=tmp_path / "deployable.onnx")
+    with pytest.raises(InputError, match=r"models/model.pt: missing; run the train stage"):
+        evaluate_in(tmp_path, params)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/model.pt").touch()
+    with pytest.raises(InputError, match=r"deployable.onnx: missing; run the compress stage"):
+        evaluate_in(tmp_path, params)
 
 
 @pytest.mark.parametrize(

@@ -36,8 +36,8 @@ pytestmark = [
 ]
 
 ARTIFACTS = Path(os.environ.get("KILN_TEST_ARTIFACTS", REPO / "test-artifacts")) / "mlflow-ui"
-MODEL = TINY_PARAMS["evaluate"]["registered_model"]
-EXPERIMENT = TINY_PARAMS["evaluate"]["experiment"]
+MODEL = TINY_PARAMS["tracking"]["registered_model"]
+EXPERIMENT = TINY_PARAMS["tracking"]["experiment"]
 METRICS = ("test_accuracy", "test_macro_f1", "test_ece", "latency_batched_p50_ms", "model_size_bytes")
 WAIT_MS = 60_000  # the single-page app renders after its API calls; generous for a loaded 2-core CI machine
 WIDTH = 1440

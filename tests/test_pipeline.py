@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import STAGES, TINY_PARAMS, run
+from tests.conftest import BIN, STAGES, TINY_PARAMS, run
 
 pytestmark = pytest.mark.slow
 TINY_EPOCHS = TINY_PARAMS["train"]["epochs"]
@@ -45,6 +46,24 @@ def test_every_stage_writes_its_outputs(reproduced: Path) -> None:
 def run_count(repo: Path) -> int:
     client = client_for(repo)
     return len(client.search_runs([client.get_experiment_by_name("kiln").experiment_id], max_results=1000))
+
+
+def test_the_run_ends_with_a_one_screen_summary(reproduced: Path) -> None:
+    output = (reproduced.parent / "kiln-run.log").read_text()
+    summary = output[output.rindex("kiln: stages"):].splitlines()
+    assert len(summary) <= 24 and max(map(len, summary)) <= 120, "one screen"
+    for stage in STAGES:
+        assert re.search(rf"^  {stage} +ran +(\d+ min )?\d+ s$", "\n".join(summary), re.M), stage
+    text = "\n".join(summary)
+    assert re.search(r"^  evaluate +test_accuracy 0\.\d{4} \(fp32 0\.\d{4}\)", text, re.M)
+    assert re.search(r"^  compress +deployable \w+", text, re.M)
+    assert re.search(r"^  registry +kiln v1 is challenger, promoted to champion: no champion yet", text, re.M)
+    assert "mlflow ui" in text and "dvc plots show" in text
+    trial_lines = [line for line in output.splitlines() if line.startswith("tune: trial ")]
+    assert len(trial_lines) == TINY_PARAMS["tune"]["num_samples"] and "Trial status" not in output
+    metrics = json.loads(run(["dvc", "metrics", "show", "--json"], cwd=reproduced).stdout)
+    columns = {key for files in metrics[""]["data"].values() for key in files["data"]}
+    assert len(columns) <= 32, f"dvc metrics show stays readable: {len(columns)} columns"
 
 
 def test_second_repro_runs_nothing(reproduced: Path) -> None:
@@ -90,14 +109,35 @@ def test_first_version_is_champion_and_challenger(reproduced: Path) -> None:
     assert {"kiln.git_commit", "kiln.data_hash", "kiln.params_hash", "kiln.tune_run_id"} <= set(champion.tags)
 
 
-def test_prefect_flow_reruns_only_what_an_override_touches(reproduced: Path, tmp_path: Path) -> None:
-    result = run(["python", "-m", "flows.pipeline", "--set", f"train.epochs={TINY_EPOCHS + 1}"], cwd=reproduced)
-    statuses = json.loads(result.stdout.strip().splitlines()[-1])["stages"]
-    assert statuses == {"prepare": "skipped", "tune": "skipped", "train": "ran", "compress": "ran",
-                        "evaluate": "ran"}
-    assert yaml.safe_load((reproduced / "params.yaml").read_text())["train"]["epochs"] == TINY_EPOCHS + 1
+def flow(repo: Path, *assignments: str) -> dict:
+    result = run([str(BIN / "kiln"), "flow", *(item for assignment in assignments for item in ("-S", assignment))],
+                 cwd=repo)
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_prefect_flow_runs_in_its_own_workspace_and_records_an_experiment(reproduced: Path, tmp_path: Path) -> None:
+    params_before = (reproduced / "params.yaml").read_bytes()
+    result = flow(reproduced, f"train.epochs={TINY_EPOCHS + 1}")
+    assert result["stages"] == {"prepare": "restored", "tune": "restored", "train": "ran", "compress": "ran",
+                                "evaluate": "ran"}, "DVC's run-cache restores what the override does not touch"
+    assert (reproduced / "params.yaml").read_bytes() == params_before, "the checkout is never edited"
+    assert run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=reproduced).stdout == ""
+    name, commit = result["experiment"], result["commit"]
+    assert name in run(["dvc", "exp", "list", "--name-only"], cwd=reproduced).stdout
+    recorded = yaml.safe_load(run(["git", "show", f"{commit}:params.yaml"], cwd=reproduced).stdout)
+    assert recorded["train"]["epochs"] == TINY_EPOCHS + 1
+    lock = yaml.safe_load(run(["git", "show", f"{commit}:dvc.lock"], cwd=reproduced).stdout)
+    assert set(lock["stages"]) >= set(STAGES)
+    trained = json.loads(run(["git", "show", f"{commit}:reports/train/metrics.json"], cwd=reproduced).stdout)
+    assert trained["epoch"] == TINY_EPOCHS + 1
+
     client = client_for(reproduced)
     assert str(client.get_model_version_by_alias("kiln", "challenger").version) == "2"
+    version = client.get_model_version("kiln", "2")
+    assert (version.tags["kiln.experiment"], version.tags["kiln.experiment_commit"]) == (name, commit)
+    assert version.tags["kiln.experiment_ref"].startswith("refs/exps/")
+    assert {item.path for item in client.list_artifacts(version.run_id, "lineage")} == {
+        "lineage/params.yaml", "lineage/dvc.lock"}
     v1, v2 = (client.get_run(client.get_model_version("kiln", v).run_id) for v in ("1", "2"))
     decision = json.loads(Path(client.download_artifacts(v2.info.run_id, "promotion.json", str(tmp_path))).read_text())
     assert (decision["champion_version"], decision["value"]) == ("1", v2.data.metrics["test_accuracy"])
@@ -107,5 +147,8 @@ def test_prefect_flow_reruns_only_what_an_override_touches(reproduced: Path, tmp
     assert v2.data.tags["kiln.promoted"] == str(decision["promoted"]).lower()
     expected_champion = "2" if decision["promoted"] else "1"
     assert str(client.get_model_version_by_alias("kiln", "champion").version) == expected_champion
-    assert "didn't change" in run(["dvc", "repro"], cwd=reproduced).stdout
 
+    again = flow(reproduced, f"train.epochs={TINY_EPOCHS + 1}")
+    assert set(again["stages"].values()) == {"restored"} and again["experiment"] != name
+    assert sorted(v.version for v in client.search_model_versions("name = 'kiln'")) == ["1", "2"], "none registered"
+    assert "didn't change" in run(["dvc", "repro"], cwd=reproduced).stdout

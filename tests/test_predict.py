@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,10 +17,11 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from kiln.models import build_model
-from kiln.onnx_tools import export_onnx, predict_onnx
+from kiln.compress.onnx_export import export_onnx
+from kiln.core.inference import predict_onnx
+from kiln.core.models import build_model
 from tasks.predict import ModelUnavailable, ShapeMismatch, UnreadableInput, predict
-from tests.conftest import REPO
+from tests.conftest import BIN, REPO
 
 CLASSES = ["ant", "bee", "cat"]
 RNG = np.random.default_rng(0)
@@ -74,7 +74,7 @@ def expected(onnx_path: Path, images: np.ndarray) -> list[str]:
 
 def cli(store: tuple[str, Path], *args: str | Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": store[0]}
-    command = [sys.executable, "-m", "tasks.predict", *map(str, args)]
+    command = [str(BIN / "kiln"), "predict", *map(str, args)]
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -169,7 +169,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tracking: Path, tmp_path:
     output = tmp_path / "out.csv"
     output.write_text("previous results\n")
     with pytest.raises(error, match=message):
-        predict(make_input(source), output)
+        predict(make_input(source), output, "models:/kiln@champion")
     assert output.read_text() == "previous results\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "out.csv"]
 

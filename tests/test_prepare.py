@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import shlex
 import struct
 import subprocess
 import sys
@@ -15,15 +16,22 @@ import numpy as np
 import pytest
 import yaml
 
-from kiln.config import PrepareParams
-from kiln.data import SPLITS, load_split, read_manifest, split_file
-from kiln.datasets import DatasetError, channel_stats, read_cifar10, read_fashion_mnist, validate_arrays
-from kiln.io import sha256_file
-from tasks.prepare import prepare
+from kiln.core.contract import stages
+from kiln.core.files import sha256_file
+from kiln.core.params import PrepareParams, validate_params
+from kiln.core.prepared import SPLITS, load_split, read_manifest, split_file
+from kiln.prepare.datasets import DatasetError, channel_stats, read_cifar10, read_fashion_mnist, validate_arrays
+from tasks import prepare as prepare_stage
+from tests.conftest import TINY_PARAMS
 
 REPO = Path(__file__).resolve().parents[1]
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 DEAD_PROXY = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9", "no_proxy": ""}
+
+
+def prepare(settings: PrepareParams, out: Path) -> dict:
+    """The stage on the tiny params with this prepare section."""
+    return prepare_stage.run(validate_params(TINY_PARAMS).model_copy(update={"prepare": settings}), out)
 
 
 def digits_params(seed: int = 0) -> PrepareParams:
@@ -51,7 +59,7 @@ def write_tiny_fashion(folder: Path) -> dict[str, np.ndarray]:
 
 
 def test_digits_prepare_is_stratified_hashed_and_reproducible(tmp_path: Path) -> None:
-    manifest = prepare(digits_params(), tmp_path / "a", tmp_path / "raw")
+    manifest = prepare(digits_params(), tmp_path / "a")
     assert sorted(path.name for path in (tmp_path / "a").iterdir()) == sorted(
         ["manifest.json", "train.npz", "val.npz", "test.npz"]
     )
@@ -69,54 +77,64 @@ def test_digits_prepare_is_stratified_hashed_and_reproducible(tmp_path: Path) ->
     assert manifest["splits"]["test"]["count"] == 360  # test_fraction 0.2 of all 1797, then val from the rest
     assert manifest["normalization"] == channel_stats(load_split(tmp_path / "a", "train")[0])
 
-    again = prepare(digits_params(), tmp_path / "b", tmp_path / "raw")
+    again = prepare(digits_params(), tmp_path / "b")
     assert again == manifest
     assert (tmp_path / "a/manifest.json").read_bytes() == (tmp_path / "b/manifest.json").read_bytes()
-    other = prepare(digits_params(seed=1), tmp_path / "c", tmp_path / "raw")
+    other = prepare(digits_params(seed=1), tmp_path / "c")
     assert all(other["files"][name] != manifest["files"][name] for name in manifest["files"])
 
 
 def test_failed_prepare_leaves_previous_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in DEAD_PROXY.items():
         monkeypatch.setenv(name, value)
-    manifest = prepare(digits_params(), tmp_path / "out", tmp_path / "raw")
+    manifest = prepare(digits_params(), tmp_path / "out")
     missing = PrepareParams(
         dataset="fashion_mnist", data_dir=tmp_path / "nowhere", val_fraction=0.1, test_fraction=0.2, seed=0
     )
     with pytest.raises(DatasetError):
-        prepare(missing, tmp_path / "out", tmp_path / "raw")
+        prepare(missing, tmp_path / "out")
     assert read_manifest(tmp_path / "out") == manifest
     assert all(manifest["files"][name] == sha256_file(tmp_path / "out" / name) for name in manifest["files"])
 
 
+def torchvision_layout(debian: Path, root: Path) -> Path:
+    """The files of Debian's flat layout, uncompressed into torchvision's FashionMNIST/raw layout under `root`."""
+    folder = root / "FashionMNIST/raw"
+    folder.mkdir(parents=True)
+    for gz in debian.glob("*.gz"):
+        (folder / gz.stem).write_bytes(gzip.decompress(gz.read_bytes()))
+    return root
+
+
 def test_fashion_mnist_reads_debian_and_torchvision_layouts(tmp_path: Path) -> None:
     arrays = write_tiny_fashion(tmp_path / "debian")
-    raw = read_fashion_mnist(tmp_path / "debian", tmp_path / "cache")
+    raw = read_fashion_mnist(tmp_path / "debian")
     assert raw.classes[0] == "T-shirt/top" and len(raw.classes) == 10
     for (images, labels), part in ((raw.train, "train"), (raw.test, "t10k")):
         assert images.dtype == np.uint8 and images.shape == (len(arrays[f"{part}-images"]), 1, 28, 28)
         np.testing.assert_array_equal(images[:, 0], arrays[f"{part}-images"])
         assert labels.dtype == np.int64
         np.testing.assert_array_equal(labels, arrays[f"{part}-labels"])
-    # the cache now holds torchvision's FashionMNIST/raw layout, which is accepted as data_dir too
-    cached = read_fashion_mnist(tmp_path / "cache", tmp_path / "unused")
-    np.testing.assert_array_equal(cached.train[0], raw.train[0])
-    assert not (tmp_path / "unused").exists()
+    unpacked = read_fashion_mnist(torchvision_layout(tmp_path / "debian", tmp_path / "torchvision"))
+    np.testing.assert_array_equal(unpacked.train[0], raw.train[0])
 
     params = PrepareParams(
         dataset="fashion_mnist", data_dir=tmp_path / "debian", val_fraction=0.2, test_fraction=0.3, seed=0
     )
-    manifest = prepare(params, tmp_path / "prepared", tmp_path / "cache")
+    manifest = prepare(params, tmp_path / "prepared")
     counts = {split: entry["count"] for split, entry in manifest["splits"].items()}
     assert counts == {"train": 40, "val": 10, "test": 20}  # val from the official train part, test is t10k
     assert manifest["image_shape"] == [1, 28, 28]
+    assert sorted(path.name for path in (tmp_path / "debian").iterdir()) == sorted(
+        f"{name}.gz" for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                                  "t10k-labels-idx1-ubyte")), "reading writes nothing next to the raw files"
 
 
 @pytest.mark.skipif(
     not (DEBIAN_FASHION / "train-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist absent"
 )
 def test_real_debian_fashion_mnist(tmp_path: Path) -> None:
-    raw = read_fashion_mnist(DEBIAN_FASHION, tmp_path)
+    raw = read_fashion_mnist(DEBIAN_FASHION)
     assert raw.train[0].shape == (60000, 1, 28, 28) and raw.test[0].shape == (10000, 1, 28, 28)
     assert np.bincount(raw.train[1]).tolist() == [6000] * 10 and np.bincount(raw.test[1]).tolist() == [1000] * 10
 
@@ -125,22 +143,22 @@ def test_missing_fashion_mnist_without_network(tmp_path: Path, monkeypatch: pyte
     for name, value in DEAD_PROXY.items():  # a dead proxy: the download fails here even on a networked machine
         monkeypatch.setenv(name, value)
     with pytest.raises(DatasetError, match="apt-get install dataset-fashion-mnist") as error:
-        read_fashion_mnist(tmp_path / "nowhere", tmp_path / "cache")
+        read_fashion_mnist(tmp_path / "nowhere")
     assert str(tmp_path / "nowhere") in str(error.value) and "prepare.data_dir" in str(error.value)
 
 
 def test_corrupt_fashion_mnist_files_are_named(tmp_path: Path) -> None:
     write_tiny_fashion(tmp_path / "debian")
-    read_fashion_mnist(tmp_path / "debian", tmp_path / "cache")
+    unpacked = torchvision_layout(tmp_path / "debian", tmp_path / "torchvision")
     gz = tmp_path / "debian/train-images-idx3-ubyte.gz"
     gz.write_bytes(gz.read_bytes()[: gz.stat().st_size // 2])
     with pytest.raises(DatasetError, match="corrupt or truncated") as error:
-        read_fashion_mnist(tmp_path / "debian", tmp_path / "cache")
+        read_fashion_mnist(tmp_path / "debian")
     assert str(gz) in str(error.value)
-    raw = tmp_path / "cache/FashionMNIST/raw/t10k-images-idx3-ubyte"  # torchvision's layout, uncompressed
-    raw.write_bytes(raw.read_bytes()[:1000])
+    plain = unpacked / "FashionMNIST/raw/t10k-images-idx3-ubyte"  # torchvision's layout, uncompressed
+    plain.write_bytes(plain.read_bytes()[:1000])
     with pytest.raises(DatasetError, match="t10k-images-idx3-ubyte"):
-        read_fashion_mnist(tmp_path / "cache", tmp_path / "unused")
+        read_fashion_mnist(unpacked)
 
 
 def test_cifar10_reads_torchvision_pickles(tmp_path: Path) -> None:
@@ -189,7 +207,7 @@ def cli(tmp_path: Path, prepare_section: dict) -> subprocess.CompletedProcess:
     params["prepare"].update(prepare_section)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     env = {**os.environ, **DEAD_PROXY, "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "tasks", "prepare", "--params", str(tmp_path / "params.yaml")]
+    command = [sys.executable, *shlex.split(stages(REPO)["prepare"].cmd)[1:], "--params", str(tmp_path / "params.yaml")]
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 

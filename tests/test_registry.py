@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from kiln.registry import PREDICTIONS, Gate, GateError, predictions_record, promote
-from kiln.stats import mcnemar_exact
+from kiln.evaluate.registry import PREDICTIONS, Gate, GateError, predictions_record, promote
+from kiln.evaluate.stats import mcnemar_exact
 
 LABELS = np.arange(100) % 10
 IMAGES = np.zeros((100, 1, 2, 2), np.uint8)

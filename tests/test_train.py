@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -15,10 +16,12 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from kiln.config import Params, apply_overrides, validate_params
-from kiln.data import load_split
-from kiln.models import load_trained_model
-from kiln.training import evaluate, make_loader
+from kiln.core.contract import stages
+from kiln.core.models import load_trained_model
+from kiln.core.params import Params, apply_overrides, validate_params
+from kiln.core.prepared import load_split
+from kiln.train.loop import VAL_BATCH, validate
+from kiln.train.recipe import make_loader
 from tasks import train as train_stage
 from tests.conftest import REPO, TINY_PARAMS, repo_env
 
@@ -69,7 +72,7 @@ def test_early_stopping_keeps_the_best_epoch_and_checkpoints_go_to_a_uri(
     run = client.search_runs([client.get_experiment_by_name("kiln").experiment_id])[0]
     assert run.data.metrics["kept_epoch"] == 1
     model, _ = load_trained_model(str(tmp_path / "model.pt"))
-    val = evaluate(model, make_loader(*load_split(prepared, "val"), 512, False, 0))
+    val = validate(model, make_loader(*load_split(prepared, "val"), VAL_BATCH, False, 0))
     losses = [float(row["val_loss"]) for row in read_rows(tmp_path / "reports/history.csv")]
     assert val.loss == pytest.approx(losses[0], rel=1e-5) and val.loss != pytest.approx(losses[-1], rel=1e-5)
 
@@ -93,7 +96,8 @@ def test_training_survives_a_killed_worker(prepared: Path, tmp_path: Path, ray_a
     (tmp_path / "data/prepared").symlink_to(prepared)
     env = {**repo_env(), "PYTHONPATH": str(REPO),
            "PYTHONUNBUFFERED": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
-    stage = subprocess.Popen([sys.executable, "-m", "tasks", "train"], cwd=tmp_path, env=env, text=True,
+    command = [sys.executable, *shlex.split(stages(REPO)["train"].cmd)[1:]]
+    stage = subprocess.Popen(command, cwd=tmp_path, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = []
     deadline = time.monotonic() + 300

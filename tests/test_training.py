@@ -4,6 +4,7 @@ stopping, starting weights, channel pruning of the CPU CNN, and the train stage'
 from __future__ import annotations
 
 import copy
+import shlex
 import subprocess
 import sys
 import time
@@ -13,20 +14,21 @@ import pytest
 import torch
 import yaml
 
-from kiln.adversarial import fgsm, pgd
-from kiln.augment import AugmentSettings, augment, random_crop, random_erasing
-from kiln.compression import channel_prune, count_parameters
-from kiln.config import MODELS, apply_overrides, validate_params
-from kiln.models import build_model, check_fits, load_weights
-from kiln.training import (
-    EarlyStopping,
+from kiln.compress.pruning import channel_prune, count_parameters
+from kiln.core.adversarial import fgsm, pgd
+from kiln.core.contract import stages
+from kiln.core.models import build_model, check_fits, load_weights
+from kiln.core.params import MODELS, apply_overrides, validate_params
+from kiln.train.augment import AugmentSettings, augment, random_crop, random_erasing
+from kiln.train.checkpoint import restore, training_state
+from kiln.train.loop import EarlyStopping, Hooks, Progress, run_epochs, train_epoch
+from kiln.train.recipe import (
     Recipe,
     apply_hyperparameters,
     make_loader,
     make_optimizer,
     make_recipe,
     make_scheduler,
-    train_epoch,
 )
 from tests.conftest import REPO, TINY_PARAMS, repo_env
 
@@ -101,7 +103,7 @@ def test_optimizers_decay_weights_only_and_take_perturbed_values() -> None:
 @pytest.fixture(scope="module")
 def trained(prepared: Path) -> tuple[torch.nn.Module, torch.utils.data.DataLoader]:
     """A compact CNN after three epochs on digits, with its training loader."""
-    from kiln.data import load_split, read_manifest
+    from kiln.core.prepared import load_split, read_manifest
 
     manifest = read_manifest(prepared)
     torch.manual_seed(0)
@@ -151,6 +153,68 @@ def test_early_stopping_counts_epochs_without_gain() -> None:
     assert not any(EarlyStopping(patience=0).update({"epoch": e, "val_accuracy": 0.5}) for e in range(1, 9))
 
 
+def digits_loader(batch_size: int = 64, shuffle: bool = True) -> torch.utils.data.DataLoader:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (digits.images[:512] * 255 / 16).round().astype("uint8")[:, None]
+    return make_loader(images, digits.target[:512], batch_size, shuffle=shuffle, seed=0)
+
+
+def fresh(recipe: Recipe, epochs: int, loader: torch.utils.data.DataLoader) -> tuple:
+    torch.manual_seed(0)
+    model = build_model("compact", 1, 10, 8, [0.5], [0.25], dropout=0.1)
+    optimizer = make_optimizer(model, recipe)
+    return model, optimizer, make_scheduler(optimizer, recipe, epochs, len(loader))
+
+
+def test_one_loop_resumed_from_its_checkpoint_matches_an_uninterrupted_run() -> None:
+    recipe, loader = Recipe(lr=0.05, schedule="onecycle", augment=AugmentSettings(crop_padding=1)), digits_loader()
+    val = digits_loader(512, shuffle=False)
+    model, optimizer, scheduler = fresh(recipe, 4, loader)
+    whole = run_epochs(model, optimizer, loader, 4, recipe, val_loader=val, scheduler=scheduler, seed=7)
+    first, optimizer1, scheduler1 = fresh(recipe, 4, loader)
+    half = run_epochs(first, optimizer1, digits_loader(), 2, recipe, val_loader=val, scheduler=scheduler1, seed=7)
+    state = training_state(first, optimizer1, scheduler1, None, half)
+    second, optimizer2, scheduler2 = fresh(recipe, 4, loader)  # a new process would build all of these again
+    progress = restore(state, second, optimizer2, scheduler2)
+    resumed = run_epochs(second, optimizer2, digits_loader(), 4, recipe, val_loader=val, scheduler=scheduler2,
+                         seed=7, progress=progress)
+    drop = ("images_per_second",)  # the one figure that depends on the clock
+    assert [{k: v for k, v in row.items() if k not in drop} for row in resumed.history] == [
+        {k: v for k, v in row.items() if k not in drop} for row in whole.history]
+    assert all(torch.equal(a, b) for a, b in zip(second.state_dict().values(), model.state_dict().values(),
+                                                 strict=True))
+
+
+def test_hooks_replace_the_loss_and_see_every_step() -> None:
+    loader, recipe = digits_loader(), Recipe(momentum=0.0, weight_decay=0.0)
+    model, optimizer, _ = fresh(recipe, 2, loader)
+    before = [value.clone() for value in model.parameters()]
+    steps = []
+    seen = []
+
+    def no_signal(logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen.append(len(images))
+        return 0.0 * logits.sum()
+
+    progress = run_epochs(model, optimizer, loader, 2, recipe,
+                          hooks=Hooks(loss=no_signal, on_step=lambda: steps.append(1),
+                                      on_epoch=lambda metrics, progress: seen.append(metrics["epoch"])))
+    assert len(steps) == 2 * len(loader) and progress.epoch == 2 and "val_loss" not in progress.history[0]
+    assert seen[len(loader)] == 1 and seen[-1] == 2, "on_epoch after each epoch's steps"
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True)), "the hook's loss ruled"
+
+
+def test_a_diverging_run_fails_naming_the_epoch() -> None:
+    loader = digits_loader()
+    model, optimizer, _ = fresh(Recipe(), 1, loader)
+    with pytest.raises(FloatingPointError, match="diverged at epoch 1"):
+        run_epochs(model, optimizer, loader, 1, Recipe(),
+                   hooks=Hooks(loss=lambda logits, images, labels: logits.sum() * float("nan")))
+    assert Progress().epoch == 0
+
+
 def test_recipe_comes_from_params_with_tuned_values_first() -> None:
     params = validate_params(apply_overrides(TINY_PARAMS, {"train.augmentation.digits": {"rotation": 5}}))
     recipe = make_recipe(params.train, "digits", {"lr": 0.3, "batch_size": 16, "dropout": 0.2})
@@ -171,8 +235,8 @@ def test_train_stage_refuses_bad_input_before_ray_starts(prepared: Path, tmp_pat
     env = {**repo_env(), "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     started = time.monotonic()
-    result = subprocess.run([sys.executable, "-m", "tasks", "train"], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=120)
+    command = [sys.executable, *shlex.split(stages(REPO)["train"].cmd)[1:]]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and message in result.stderr, result.stderr[-3000:]
     assert "Ray" not in result.stdout + result.stderr.replace(message, ""), "failed after Ray started"
     assert time.monotonic() - started < 60

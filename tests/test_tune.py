@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,9 +16,10 @@ import yaml
 from mlflow import MlflowClient
 from ray import tune
 
-from kiln.config import Params, apply_overrides, validate_params
-from kiln.errors import InputError
-from kiln.search import scheduler, search_algorithm, to_domain
+from kiln.core.contract import stages
+from kiln.core.errors import InputError
+from kiln.core.params import Params, apply_overrides, validate_params
+from kiln.tune.search import scheduler, search_algorithm, to_domain
 from tasks import prepare
 from tasks import tune as tune_stage
 from tests.conftest import REPO, TINY_PARAMS, repo_env
@@ -37,7 +40,7 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_address: str) -
 
 
 def run_stage(params: Params, prepared: Path, workdir: Path) -> dict:
-    return tune_stage.run(params, prepared, workdir / "best_config.json", workdir / "reports", workdir / "ray_results")
+    return tune_stage.run(params, prepared, workdir / "best_config.json", workdir / "reports")
 
 
 def child_runs(workdir: Path) -> list:
@@ -119,11 +122,11 @@ def test_interrupted_stage_resumes_its_experiment(tmp_path: Path, ray_address: s
     """SIGINT the stage CLI after the first trial finishes; the re-run finishes the rest under the same parent."""
     params = apply_overrides(TINY_PARAMS, {"tune.num_samples": 4, "tune.epochs": 3, "tune.cpus_per_trial": 1})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    prepare.prepare(validate_params(params).prepare, tmp_path / "data/prepared")
+    prepare.run(validate_params(params), tmp_path / "data/prepared")
     env = {**repo_env(), "PYTHONPATH": str(REPO),
            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     child_runs(tmp_path)  # creates the store's tables now, not while the stage creates them too
-    command = [sys.executable, "-m", "tasks", "tune"]
+    command = [sys.executable, *shlex.split(stages(REPO)["tune"].cmd)[1:]]
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 300
     while "FINISHED" not in {c.info.status for c in child_runs(tmp_path)}:
@@ -138,6 +141,9 @@ def test_interrupted_stage_resumes_its_experiment(tmp_path: Path, ray_address: s
     second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
     assert "resuming interrupted experiment" in second.stdout
+    assert "Trial status" not in second.stdout, "one line per finished trial, not Ray's status tables"
+    assert len(re.findall(r"^tune: trial \d+/4 completed after 3 epochs: lr=", second.stdout, re.M)) == 4 - len(
+        done_before)
     children = child_runs(tmp_path)
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
     finished = [c.data.tags["trial_name"] for c in children if c.info.status == "FINISHED"]

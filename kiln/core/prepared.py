@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from kiln.io import read_json
+from kiln.core.files import read_json
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"

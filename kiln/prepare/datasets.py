@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
-import shutil
+import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +18,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torchvision.datasets import CIFAR10, FashionMNIST
 
-from kiln.errors import InputError
-from kiln.io import atomic_path
+from kiln.core.errors import InputError
 
 FASHION_FILES = (
     "train-images-idx3-ubyte",
@@ -44,49 +43,54 @@ class RawData:
     source: str  # where the data came from, for progress messages
 
 
-def _raw_folder(root: Path) -> Path:
-    return root / FashionMNIST.__name__ / "raw"
-
-
-def _fashion_root(data_dir: Path, cache_dir: Path) -> Path:
-    """A root in torchvision's FashionMNIST/raw layout: `data_dir` itself, or `cache_dir` filled from flat files."""
-    if all((_raw_folder(data_dir) / name).is_file() for name in FASHION_FILES):
-        return data_dir
-    flat = [next((p for p in (data_dir / f"{n}.gz", data_dir / n) if p.is_file()), None) for n in FASHION_FILES]
-    if all(flat):
-        for source, name in zip(flat, FASHION_FILES, strict=True):
-            with atomic_path(_raw_folder(cache_dir) / name) as tmp, open(tmp, "wb") as out:
-                try:
-                    with (gzip.open if source.suffix == ".gz" else open)(source, "rb") as handle:
-                        shutil.copyfileobj(handle, out)
-                except (OSError, EOFError, zlib.error) as exc:
-                    raise DatasetError(
-                        f"{source}: corrupt or truncated ({exc}); reinstall dataset-fashion-mnist or replace the file"
-                    ) from None
-        return cache_dir
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzipped or not): magic 0x0000 08 <ndim> for unsigned bytes, big-endian dimensions, then the data."""
     try:
-        FashionMNIST(cache_dir, download=True)
-    except (OSError, RuntimeError) as exc:
-        raise DatasetError(
-            f"Fashion-MNIST not found in {data_dir} (looked for {', '.join(f'{n}.gz' for n in FASHION_FILES)}, "
-            f"or torchvision's FashionMNIST/raw layout) and downloading it into {cache_dir} failed: {exc}\n"
-            "Install it with `apt-get install dataset-fashion-mnist`, or set prepare.data_dir to a folder holding it."
-        ) from None
-    return cache_dir
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as handle:
+            content = handle.read()
+        zero, dtype, ndim = struct.unpack(">HBB", content[:4])
+        shape = struct.unpack(f">{ndim}I", content[4 : 4 + 4 * ndim])
+        if zero != 0 or dtype != 0x08:
+            raise ValueError(f"magic {content[:4].hex()} is not an unsigned-byte IDX file")
+        return np.frombuffer(content, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    except (OSError, EOFError, zlib.error, struct.error, ValueError) as exc:
+        raise DatasetError(f"{path}: corrupt or truncated IDX file ({exc}); reinstall dataset-fashion-mnist, "
+                           "`dvc pull` the raw data, or replace the file") from None
 
 
-def read_fashion_mnist(data_dir: Path, cache_dir: Path = Path("data/raw")) -> RawData:
-    """Fashion-MNIST from Debian's flat .gz files or torchvision's layout in `data_dir`; t10k is the test part."""
-    root = _fashion_root(Path(data_dir), Path(cache_dir))
-    parts = []
-    for train, prefix in ((True, "train"), (False, "t10k")):
+def _fashion_files(data_dir: Path) -> list[Path] | None:
+    """The four IDX files in `data_dir` (Debian's flat .gz layout, plain files, or torchvision's FashionMNIST/raw)."""
+    for folder in (data_dir, data_dir / FashionMNIST.__name__ / "raw"):
+        found = [next((p for p in (folder / f"{n}.gz", folder / n) if p.is_file()), None) for n in FASHION_FILES]
+        if all(found):
+            return found
+    return None
+
+
+def read_fashion_mnist(data_dir: Path) -> RawData:
+    """Fashion-MNIST's IDX files from `data_dir` (t10k is the test part); without them, torchvision's download into
+    `data_dir` is tried."""
+    data_dir = Path(data_dir)
+    files = _fashion_files(data_dir)
+    if files is None:
         try:
-            dataset = FashionMNIST(root, train=train)
-        except (AssertionError, ValueError, RuntimeError, OSError) as exc:
-            files = " or ".join(f"{prefix}-{kind}" for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
-            raise DatasetError(f"{_raw_folder(root)}: {files} is corrupt or truncated ({exc!r})") from None
-        parts.append((dataset.data.numpy()[:, None], dataset.targets.numpy().astype(np.int64)))
-    return RawData(list(FashionMNIST.classes), parts[0], parts[1], str(_raw_folder(root)))
+            FashionMNIST(data_dir, download=True)
+        except (OSError, RuntimeError) as exc:
+            raise DatasetError(
+                f"Fashion-MNIST not found in {data_dir} (looked for {', '.join(f'{n}.gz' for n in FASHION_FILES)}, "
+                f"or torchvision's FashionMNIST/raw layout) and downloading it there failed: {exc}\n"
+                "Install it with `apt-get install dataset-fashion-mnist` and run `make data` (or `dvc pull`), or set "
+                "prepare.data_dir to a folder holding it."
+            ) from None
+        files = _fashion_files(data_dir)
+    arrays = [_read_idx(path) for path in files]
+    parts = []
+    for images, labels, path in ((arrays[0], arrays[1], files[0]), (arrays[2], arrays[3], files[2])):
+        if images.ndim != 3 or labels.ndim != 1:
+            raise DatasetError(f"{path}: images shaped {images.shape}, labels {labels.shape}; expected (N, 28, 28) "
+                               "and (N,)")
+        parts.append((images[:, None].copy(), labels.astype(np.int64)))
+    return RawData(list(FashionMNIST.classes), parts[0], parts[1], str(files[0].parent))
 
 
 def read_digits() -> RawData:
@@ -149,10 +153,10 @@ def validate_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int, na
         raise DatasetError(f"{name}: classes {empty.tolist()} have no images")
 
 
-def read_dataset(name: str, data_dir: Path, cache_dir: Path = Path("data/raw")) -> RawData:
+def read_dataset(name: str, data_dir: Path) -> RawData:
     """Read and validate the dataset `name` (fashion_mnist, digits or cifar10)."""
     readers = {
-        "fashion_mnist": lambda: read_fashion_mnist(data_dir, cache_dir),
+        "fashion_mnist": lambda: read_fashion_mnist(data_dir),
         "digits": read_digits,
         "cifar10": lambda: read_cifar10(data_dir),
     }

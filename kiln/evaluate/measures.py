@@ -1,7 +1,7 @@
 """Evaluation beyond accuracy for any classifier given as a logits function: per-class precision and recall,
 calibration (expected calibration error and reliability-diagram bins) and robustness.
 
-Adversarial examples need gradients, so they are crafted on the fp32 torch model (kiln.adversarial). For that model
+Adversarial examples need gradients, so they are crafted on the fp32 torch model (kiln.core.adversarial). For that model
 the attack is white-box; any other model scored on the same examples (the int8 ONNX deployable has no gradients) faces
 a transfer attack. The set names say where the examples came from: `fgsm_from_fp32_eps0.05`.
 """
@@ -18,24 +18,12 @@ import torch
 from scipy.special import softmax
 from torch import nn
 
-from kiln.adversarial import fgsm, pgd
-from kiln.config import EvaluateParams
-from kiln.metrics import classification_metrics, per_class_precision_recall
-from kiln.onnx_tools import predict_batches
+from kiln.core.adversarial import fgsm, pgd
+from kiln.core.inference import Logits, predict_batches
+from kiln.core.params import EvaluateParams
+from kiln.evaluate.metrics import classification_metrics, per_class_precision_recall
 
-Logits = Callable[[np.ndarray], np.ndarray]  # float32 NCHW pixels in [0, 1] -> logits
 CRAFT_BATCH = 500  # images per attack step, to bound memory
-
-
-def torch_logits(model: nn.Module) -> Logits:
-    """Eager inference of `model`, switched to eval mode, as a Logits function."""
-    model.eval()
-
-    @torch.inference_mode()
-    def run(images: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(images)).numpy()
-
-    return run
 
 
 @dataclass(frozen=True)
@@ -112,7 +100,7 @@ class ModelEvaluation:
     calibration: Calibration
 
 
-def evaluate_model(run: Logits, images: np.ndarray, labels: np.ndarray, classes: Sequence[str], num_bins: int,
+def measure_model(run: Logits, images: np.ndarray, labels: np.ndarray, classes: Sequence[str], num_bins: int,
                    sets: dict[str, np.ndarray], set_labels: np.ndarray) -> ModelEvaluation:
     """Every metric of `run` on the test split (`images`, `labels`), robustness on `sets` (see perturbed_sets)."""
     logits = predict_batches(run, images)

@@ -1,29 +1,25 @@
-"""The training loop shared by tune trials, Ray Train workers and compression fine-tunes (plain PyTorch): the recipe
-(optimiser, schedule, regularisation, augmentation, adversarial examples, mixed precision) and one epoch of it."""
+"""The training recipe: optimiser, learning-rate schedule, regularisation, augmentation, adversarial examples and
+mixed precision, as params.yaml's train section describes them, plus seeding and in-memory data loaders."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from kiln.adversarial import fgsm, pgd
-from kiln.augment import AugmentSettings, augment
-from kiln.config import TrainParams
-from kiln.data import to_float
-
-Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, images, labels) -> loss
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from kiln.core.files import read_json
+from kiln.core.params import TUNABLE_TRAIN_KEYS, TrainParams
+from kiln.core.prepared import to_float
+from kiln.train.augment import AugmentSettings
 
 
 @dataclass(frozen=True)
@@ -58,18 +54,21 @@ def make_recipe(train: TrainParams, dataset: str, tuned: dict[str, float] | None
     return with_values(recipe, tuned or {})
 
 
+def tuned_hyperparameters(train: TrainParams, best_config: Path) -> dict[str, Any]:
+    """The train section's tunable keys, replaced by the tune stage's best ones when `train.use_tuned` is set."""
+    chosen = {key: getattr(train, key) for key in TUNABLE_TRAIN_KEYS}
+    if train.use_tuned:
+        if not best_config.is_file():
+            raise FileNotFoundError(f"{best_config}: no tuned config; run the tune stage or set train.use_tuned")
+        chosen.update(read_json(best_config)["hyperparameters"])
+    return chosen
+
+
 def with_values(recipe: Recipe, values: Mapping[str, Any]) -> Recipe:
     """`recipe` with the entries of `values` that name its fields (tuned or sampled lr, momentum, ...) in their place;
     other keys (batch_size, dropout, seed) are ignored."""
     return dataclasses.replace(recipe, **{key: value for key, value in values.items()
                                           if key in Recipe.__dataclass_fields__})
-
-
-@dataclass
-class EpochStats:
-    loss: float
-    accuracy: float
-    images: int
 
 
 def seed_everything(seed: int) -> None:
@@ -127,98 +126,3 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, epochs: int
 
         return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     return None
-
-
-def _all_reduce(loss_sum: float, correct: int, count: int) -> EpochStats:
-    """Sum the counters over DDP workers (no-op in a single process)."""
-    totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(totals)
-    loss_sum, correct, count = totals.tolist()
-    return EpochStats(loss=loss_sum / max(count, 1), accuracy=correct / max(count, 1), images=int(count))
-
-
-def with_adversarial(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, recipe: Recipe) -> torch.Tensor:
-    """The batch with its first `adversarial_ratio` share replaced by FGSM or PGD examples crafted against the
-    current model (in eval mode, so the attack's forward passes leave batch-norm statistics alone)."""
-    count = round(len(images) * recipe.adversarial_ratio)
-    if recipe.adversarial == "none" or count == 0:
-        return images
-    model.eval()
-    head, tail = images[:count], labels[:count]
-    attack = fgsm(model, head, tail, recipe.adversarial_epsilon) if recipe.adversarial == "fgsm" else pgd(
-        model, head, tail, recipe.adversarial_epsilon, recipe.pgd_steps)
-    model.train()
-    return torch.cat([attack, images[count:]])
-
-
-def train_epoch(
-    model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, recipe: Recipe | None = None,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, loss_fn: Loss | None = None,
-    scaler: torch.amp.GradScaler | None = None,
-) -> EpochStats:
-    """One pass over `loader` following `recipe` (plain cross-entropy steps when None), or minimising `loss_fn`;
-    returns loss and accuracy summed over all workers."""
-    recipe = recipe or Recipe()
-    model.train()
-    loss_sum, correct, count = 0.0, 0, 0
-    for images, labels in loader:
-        if recipe.augment.active:
-            images = augment(images, recipe.augment)
-        images = with_adversarial(model, images, labels, recipe)
-        if recipe.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        optimizer.zero_grad(set_to_none=True)
-        autocast = (torch.autocast(images.device.type, dtype=AMP_DTYPES[recipe.amp]) if recipe.amp in AMP_DTYPES
-                    else contextlib.nullcontext())
-        with autocast:
-            logits = model(images)
-            loss = (nn.functional.cross_entropy(logits, labels, label_smoothing=recipe.label_smoothing)
-                    if loss_fn is None else loss_fn(logits, images, labels))
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        if scheduler is not None:
-            scheduler.step()
-        loss_sum += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
-        count += len(labels)
-    return _all_reduce(loss_sum, correct, count)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader) -> EpochStats:
-    model.eval()
-    loss_sum, correct, count = 0.0, 0, 0
-    for images, labels in loader:
-        logits = model(images).float()
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
-        count += len(labels)
-    return _all_reduce(loss_sum, correct, count)
-
-
-@dataclass
-class EarlyStopping:
-    """Stop when `metric` has not improved by `min_delta` for `patience` epochs (patience 0: never)."""
-
-    metric: str = "val_accuracy"
-    mode: str = "max"
-    patience: int = 0
-    min_delta: float = 0.0
-    best: float | None = None
-    best_epoch: int = 0
-    stale: int = 0
-
-    def update(self, metrics: dict[str, float]) -> bool:
-        """Record an epoch's metrics; True when training should stop."""
-        value, sign = metrics[self.metric], 1 if self.mode == "max" else -1
-        if self.best is None or sign * (value - self.best) > self.min_delta:
-            self.best, self.best_epoch, self.stale = value, int(metrics["epoch"]), 0
-            return False
-        self.stale += 1
-        return 0 < self.patience <= self.stale

@@ -1,12 +1,11 @@
-"""Data-parallel training with Ray Train (PyTorch DDP): the per-worker loop and the driver call."""
+"""Data-parallel training with Ray Train (PyTorch DDP): what each worker runs, and the driver call."""
 
 from __future__ import annotations
 
-import dataclasses
+import logging
 import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -17,19 +16,10 @@ import torch.distributed as dist
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from torch.utils.data import DataLoader, DistributedSampler
 
-from kiln.models import build_model
-from kiln.training import (
-    EarlyStopping,
-    evaluate,
-    make_loader,
-    make_optimizer,
-    make_scheduler,
-    seed_everything,
-    to_dataset,
-    train_epoch,
-)
-
-CHECKPOINT_FILE = "state.pt"
+from kiln.core.models import build_model
+from kiln.train.checkpoint import load, restore, save, training_state
+from kiln.train.loop import VAL_BATCH, EarlyStopping, Hooks, Progress, run_epochs
+from kiln.train.recipe import make_loader, make_optimizer, make_scheduler, seed_everything, to_dataset
 
 
 class TorchTrainer(ray.train.torch.TorchTrainer):
@@ -42,18 +32,6 @@ class TorchTrainer(ray.train.torch.TorchTrainer):
     def _create_default_callbacks(self) -> list:
         callbacks = super()._create_default_callbacks()
         return [callback for callback in callbacks if not isinstance(callback, PlacementGroupCleanerCallback)]
-
-
-def read_state(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
-    """The training state a kiln checkpoint (Ray Train's or a Tune trial's) holds."""
-    with checkpoint.as_directory() as folder:
-        return torch.load(Path(folder) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-
-
-def write_state(folder: str, state: dict[str, Any]) -> str:
-    """Save `state` as a kiln checkpoint in `folder`; returns the folder."""
-    torch.save(state, Path(folder) / CHECKPOINT_FILE)
-    return folder
 
 
 def _shuffled_loader(data: dict[str, Any], batch_size: int, seed: int, rank: int, world: int) -> DataLoader:
@@ -74,7 +52,8 @@ def _worker_nodes(world: int) -> list[str]:
     return nodes
 
 
-def _progress(epoch: int, epochs: int, metrics: dict[str, float], seconds: float) -> str:
+def _progress_line(metrics: dict[str, float], epochs: int, seconds: float) -> str:
+    epoch = int(metrics["epoch"])
     return (f"train: epoch {epoch}/{epochs} loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f} "
             f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.4f} "
             f"{metrics['images_per_second']:.0f} img/s ETA {seconds * (epochs - epoch):.0f}s")
@@ -100,12 +79,10 @@ def _epoch_logger(config: dict[str, Any], rank: int) -> Callable[[dict[str, floa
 
 
 def train_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker; rank 0 alone prints, logs to MLflow (given a run id) and writes checkpoints.
-
-    A checkpoint holds the model, optimiser, scheduler (and fp16 grad scaler), epoch, history and early-stopping
-    state. The RNG state is a function of (seed, epoch, rank): it is re-seeded at every epoch, so a run resumed from
-    a checkpoint after a worker died continues exactly as the uninterrupted run would have.
-    """
+    """Runs on every Ray Train worker: builds the model, optimiser and shards, resumes from the latest checkpoint
+    after a worker died, and runs the one loop (kiln.train.loop.run_epochs). Rank 0 alone prints a line per epoch,
+    logs to MLflow (given a run id) and writes checkpoints; every rank reports."""
+    logging.getLogger().setLevel(logging.WARNING)  # Ray Train logs every report at INFO; kiln prints progress itself
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     seed_everything(config["seed"])
@@ -114,62 +91,44 @@ def train_worker(config: dict[str, Any]) -> None:
     if config.get("initial_state") is not None:
         model.load_state_dict(ray.get(config["initial_state"]))
     train_loader = _shuffled_loader(data, max(1, config["batch_size"] // world), config["seed"], rank, world)
-    val_loader = ray.train.torch.prepare_data_loader(make_loader(data["x_val"], data["y_val"], 512, False, 0))
+    val_loader = ray.train.torch.prepare_data_loader(make_loader(data["x_val"], data["y_val"], VAL_BATCH, False, 0))
     device = ray.train.torch.get_device()
     if recipe.channels_last:
         model = model.to(device, memory_format=torch.channels_last)
     optimizer = make_optimizer(model.to(device), recipe)
     scheduler = make_scheduler(optimizer, recipe, epochs, len(train_loader))
     scaler = torch.amp.GradScaler(device.type) if recipe.amp == "fp16" else None
-    stopper = EarlyStopping(**config["early_stopping"])
-    history: list[dict[str, float]] = []
-    best_model = None
+    progress = Progress(stopper=EarlyStopping(**config["early_stopping"]))
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:  # a worker died: the group restarts from the latest epoch
-        state = read_state(checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        for part, saved in ((scheduler, state["scheduler"]), (scaler, state["scaler"])):
-            if part is not None:
-                part.load_state_dict(saved)
-        history, best_model, stopper = state["history"], state["best_model"], EarlyStopping(**state["early_stopping"])
+        progress = restore(load(checkpoint), model, optimizer, scheduler, scaler)
         if rank == 0:
-            print(f"train: resuming after epoch {state['epoch']} from {checkpoint.path}", flush=True)
+            print(f"train: resuming after epoch {progress.epoch} from {checkpoint.path}", flush=True)
     model = ray.train.torch.prepare_model(model)
     nodes = _worker_nodes(world)
     log = _epoch_logger(config, rank)
-    for epoch in range(len(history) + 1, epochs + 1):
-        seed_everything(config["seed"] + 1000 * epoch + rank)
-        train_loader.sampler.set_epoch(epoch)
-        started = time.perf_counter()
-        fit = train_epoch(model, train_loader, optimizer, recipe, scheduler, scaler=scaler)
-        seconds = time.perf_counter() - started
-        val = evaluate(model, val_loader)
-        metrics = {"epoch": epoch, "train_loss": fit.loss, "train_accuracy": fit.accuracy, "val_loss": val.loss,
-                   "val_accuracy": val.accuracy, "images_per_second": fit.images / seconds,
-                   "lr": optimizer.param_groups[0]["lr"]}
-        history.append(metrics)
-        stop = stopper.update(metrics)
-        module = model.module if hasattr(model, "module") else model
-        if stopper.best_epoch == epoch:
-            best_model = {key: value.detach().cpu().clone() for key, value in module.state_dict().items()}
+
+    def report(metrics: dict[str, float], progress: Progress) -> None:
         with tempfile.TemporaryDirectory() as folder:
             saved = None
             if rank == 0:
-                print(_progress(epoch, epochs, metrics, seconds), flush=True)
+                now = time.perf_counter()
+                print(_progress_line(metrics, epochs, now - epoch_started[0]), flush=True)
+                epoch_started[0] = now
                 if log:
-                    log(metrics, epoch)
-                saved = ray.train.Checkpoint.from_directory(write_state(folder, {
-                    "model": module.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict() if scheduler else None,
-                    "scaler": scaler.state_dict() if scaler else None, "epoch": epoch, "history": history,
-                    "early_stopping": dataclasses.asdict(stopper), "best_model": best_model, "worker_nodes": nodes}))
+                    log(metrics, int(metrics["epoch"]))
+                state = training_state(model, optimizer, scheduler, scaler, progress, worker_nodes=nodes)
+                saved = ray.train.Checkpoint.from_directory(save(folder, state))
             ray.train.report({**metrics, "node_id": nodes[rank]}, checkpoint=saved)
-        if stop:
-            if rank == 0:
-                print(f"train: early stop after epoch {epoch}: no {stopper.metric} gain for {stopper.patience} "
-                      f"epochs; keeping epoch {stopper.best_epoch}'s weights", flush=True)
-            break
+
+    epoch_started = [time.perf_counter()]
+    progress = run_epochs(model, optimizer, train_loader, epochs, recipe, val_loader=val_loader, scheduler=scheduler,
+                          scaler=scaler, progress=progress, seed=config["seed"], rank=rank,
+                          hooks=Hooks(on_epoch=report))
+    stopper = progress.stopper
+    if rank == 0 and progress.epoch < epochs:
+        print(f"train: early stop after epoch {progress.epoch}: no {stopper.metric} gain for {stopper.patience} "
+              f"epochs; keeping epoch {stopper.best_epoch}'s weights", flush=True)
 
 
 def fit(config: dict[str, Any], num_workers: int, cpus_per_worker: int, use_gpu: bool, storage_path: str,
@@ -192,4 +151,4 @@ def fit(config: dict[str, Any], num_workers: int, cpus_per_worker: int, use_gpu:
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
-    return read_state(trainer.fit().checkpoint)
+    return load(trainer.fit().checkpoint)

@@ -3,72 +3,46 @@ end is recorded in MLflow."""
 
 from __future__ import annotations
 
-import math
 import tempfile
 from typing import Any
 
 import ray.train
-import torch
 from mlflow import MlflowClient
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from kiln.distributed import TorchTrainer, read_state, train_worker, write_state
-from kiln.models import build_model
-from kiln.training import (
-    Recipe,
-    apply_hyperparameters,
-    evaluate,
-    make_loader,
-    make_optimizer,
-    make_scheduler,
-    seed_everything,
-    train_epoch,
-    with_values,
-)
-
-
-def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler | None, recipe: Recipe) -> int:
-    """Load the trial's latest checkpoint (a resumed experiment, or a PBT exploit); returns the next epoch.
-
-    The optimiser keeps its momentum buffers but takes this trial's hyperparameters, which PBT may have perturbed.
-    """
-    checkpoint = tune.get_checkpoint()
-    if checkpoint is None:
-        return 1
-    state = read_state(checkpoint)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    apply_hyperparameters(optimizer, recipe)
-    return state["epoch"] + 1
+from kiln.core.models import build_model
+from kiln.train.checkpoint import load, restore, save, training_state
+from kiln.train.distributed import TorchTrainer, train_worker
+from kiln.train.loop import VAL_BATCH, Hooks, Progress, run_epochs
+from kiln.train.recipe import Recipe, apply_hyperparameters, make_loader, make_optimizer, make_scheduler, with_values
 
 
 def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dict[str, Any], recipe: Recipe,
                          epochs: int) -> None:
-    """Train in this trial's process, reporting validation metrics and a checkpoint every epoch."""
-    seed_everything(config["seed"])
+    """The one loop (world size 1) in this trial's process, reporting validation metrics and a checkpoint every
+    epoch. A trial restored from a checkpoint (a resumed experiment, or a PBT exploit) keeps the optimiser's momentum
+    buffers but takes this trial's hyperparameters, which PBT may have perturbed."""
     recipe = with_values(recipe, config)
     model = build_model(**{**spec, "dropout": config["dropout"]})
     optimizer = make_optimizer(model, recipe)
     train_loader = make_loader(data["x_train"], data["y_train"], int(config["batch_size"]), True, config["seed"])
-    val_loader = make_loader(data["x_val"], data["y_val"], 512, False, config["seed"])
+    val_loader = make_loader(data["x_val"], data["y_val"], VAL_BATCH, False, config["seed"])
     scheduler = make_scheduler(optimizer, recipe, epochs, len(train_loader))
-    for epoch in range(_restore(model, optimizer, scheduler, recipe), epochs + 1):
-        fit = train_epoch(model, train_loader, optimizer, recipe, scheduler)
-        if not math.isfinite(fit.loss):
-            raise FloatingPointError(f"training diverged at epoch {epoch} (loss {fit.loss}) with {config}")
-        val = evaluate(model, val_loader)
+    progress = Progress()
+    if (checkpoint := tune.get_checkpoint()) is not None:
+        progress = restore(load(checkpoint), model, optimizer, scheduler)
+        apply_hyperparameters(optimizer, recipe)
+    node = ray.get_runtime_context().get_node_id()
+
+    def report(metrics: dict[str, float], progress: Progress) -> None:
         with tempfile.TemporaryDirectory() as folder:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-                     "scheduler": scheduler.state_dict() if scheduler else None}
-            checkpoint = tune.Checkpoint.from_directory(write_state(folder, state))
-            tune.report({"epoch": epoch, "train_loss": fit.loss, "train_accuracy": fit.accuracy, "val_loss": val.loss,
-                         "val_accuracy": val.accuracy, "node_id": ray.get_runtime_context().get_node_id()},
-                        checkpoint=checkpoint)
+            state = training_state(model, optimizer, scheduler, None, progress)
+            tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(save(folder, state)))
+
+    run_epochs(model, optimizer, train_loader, epochs, recipe, val_loader=val_loader, scheduler=scheduler,
+               progress=progress, seed=config["seed"], hooks=Hooks(on_epoch=report))
 
 
 def distributed_trial(config: dict[str, Any], data: dict[str, Any], spec: dict[str, Any], recipe: Recipe,

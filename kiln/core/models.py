@@ -14,8 +14,8 @@ import torch
 import torchvision
 from torch import nn
 
-from kiln.config import MODELS, TORCHVISION_PREFIX
-from kiln.errors import InputError
+from kiln.core.errors import InputError
+from kiln.core.params import MODELS, TORCHVISION_PREFIX
 
 PLAIN_CNNS = ("lenet", "compact")
 
@@ -214,6 +214,20 @@ def load_weights(model: nn.Module, path: Path) -> list[str]:
         raise ValueError(f"{path}: no tensor matches the model's parameters (by name and shape)")
     model[1].load_state_dict(usable, strict=False)
     return sorted(set(target) - set(usable))
+
+
+def initial_state(weights: Path | None, spec: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The starting weights `train.weights` names (a local file), or None for a fresh initialisation; raises
+    InputError naming train.weights when the file cannot give the model any tensor."""
+    if weights is None:
+        return None
+    model = build_model(**spec)
+    try:
+        skipped = load_weights(model, weights)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise InputError(f"train.weights: {exc}") from None
+    print(f"train: weights from {weights}; freshly initialised: {', '.join(skipped) or 'nothing'}")
+    return model.state_dict()
 
 
 def save_trained_model(path: str, model: nn.Module, spec: dict, extra: dict) -> None:

@@ -1,12 +1,13 @@
-"""Connecting to Ray: a local instance by default, the cluster in RAY_ADDRESS when set."""
+"""Connecting to Ray (a local instance by default, the cluster in RAY_ADDRESS when set) and where Ray keeps runs."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import ray
 
-from kiln.errors import InputError
+from kiln.core.errors import InputError
 
 
 def connect() -> None:
@@ -26,3 +27,9 @@ def require_cpus(needed: float, what: str) -> None:
     available = ray.cluster_resources().get("CPU", 0)
     if needed > available:
         raise InputError(f"{what} needs {needed:g} CPUs but the Ray cluster has {available:g}")
+
+
+def storage_uri(storage_path: str) -> str:
+    """Where Ray Train and Ray Tune keep checkpoints: a cloud URI (`s3://...`) as given, a local folder made absolute
+    (Ray needs one)."""
+    return storage_path if "://" in storage_path else str(Path(storage_path).resolve())

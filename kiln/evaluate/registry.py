@@ -17,8 +17,8 @@ import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from kiln.errors import InputError
-from kiln.stats import mcnemar_exact
+from kiln.core.errors import InputError
+from kiln.evaluate.stats import mcnemar_exact
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PREDICTIONS = "test_predictions.json"

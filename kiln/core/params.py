@@ -1,4 +1,5 @@
-"""The params.yaml schema: every knob of the pipeline, validated before any compute starts."""
+"""The params.yaml schema (every knob of the pipeline, one section per owner), validated before any compute starts,
+and dotted-key overrides written back the way `dvc exp run -S` does."""
 
 from __future__ import annotations
 
@@ -13,12 +14,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from ruamel.yaml import YAML
 
-from kiln.errors import InputError
-from kiln.io import atomic_path
+from kiln.core.errors import InputError
+from kiln.core.files import atomic_path
 
 DATASETS = ("fashion_mnist", "digits", "cifar10")
 IMAGE_SIDES = {"fashion_mnist": 28, "digits": 8, "cifar10": 32}
-MODELS = ("lenet", "compact", "resnet")  # kiln's zoo (kiln.models)
+MODELS = ("lenet", "compact", "resnet")  # kiln's zoo (kiln.core.models)
 TORCHVISION_PREFIX = "torchvision:"  # or torchvision:<name>, checked against torchvision when training starts
 TUNABLE_TRAIN_KEYS = ("lr", "momentum", "weight_decay", "batch_size", "label_smoothing", "dropout")
 COMPRESS_VARIANTS = ("fp32", "int8", "pruned", "pruned_int8", "channel_pruned", "channel_pruned_int8", "distilled",
@@ -54,7 +55,7 @@ class PrepareParams(Strict):
 
 
 class AugmentParams(Strict):
-    """Training-time augmentation for one dataset (see kiln.augment); all off by default."""
+    """Training-time augmentation for one dataset (see kiln.train.augment); all off by default."""
 
     crop_padding: int = Field(0, ge=0, description="Random crop of the zero-padded image (pixels per side).")
     hflip: bool = False
@@ -179,6 +180,7 @@ class TuneParams(Strict):
     metric: Literal["val_accuracy", "val_loss"]
     mode: Literal["max", "min"]
     search_space: dict[str, SearchDimension] = Field(min_length=1)
+    seed: int = Field(description="Seeds the search algorithm, the scheduler and the trials' training subset.")
 
     @field_validator("search_space")
     @classmethod
@@ -225,8 +227,6 @@ class TuneParams(Strict):
 class CompressParams(Strict):
     variants: list[str] = Field(description="Models to build and measure; see COMPRESS_VARIANTS.")
     calibration_samples: int = Field(ge=1)
-    latency_batch_size: int = Field(ge=1)
-    latency_repeats: int = Field(ge=1)
     sparsity: float = Field(ge=0, lt=1, description="pruned: fraction of conv and linear weights set to zero.")
     channel_keep: float = Field(gt=0, le=1, description="channel_pruned: fraction of each conv's channels kept.")
     student_width: float = Field(gt=0, le=1, description="distilled: the student's widths over the trained model's.")
@@ -242,8 +242,9 @@ class CompressParams(Strict):
         ge=0, description="Deployable: the fastest variant within this many points of fp32's val accuracy."
     )
     min_speedup: float = Field(
-        ge=1, description="Deployable: fp32 unless that variant is this many times faster at latency_batch_size."
+        ge=1, description="Deployable: fp32 unless that variant is this many times faster (see kiln.compress.select)."
     )
+    seed: int = Field(description="Calibration and fine-tune subsets, shuffling, student initialisation.")
 
     @field_validator("variants")
     @classmethod
@@ -258,8 +259,6 @@ class CompressParams(Strict):
 
 
 class EvaluateParams(Strict):
-    experiment: str = Field(min_length=1)
-    registered_model: str = Field(min_length=1)
     gate_metric: Literal["test_accuracy", "test_macro_f1"]
     gate_margin: float = Field(ge=0, lt=1, description="Required improvement over the champion, in metric units.")
     gate_alpha: float = Field(gt=0, lt=1, description="Significance level of McNemar's test on paired predictions.")
@@ -270,6 +269,7 @@ class EvaluateParams(Strict):
     robustness_samples: int = Field(1000, ge=1, description="Robustness runs on a stratified test subset this big.")
     calibration_bins: int = Field(15, ge=2, description="Equal-width confidence bins of ECE and the reliability plot.")
     explain_steps: int = Field(32, ge=1, description="Integrated Gradients: steps of the path integral.")
+    seed: int = Field(description="The robustness subset, PGD's random start, the noise.")
 
     @field_validator("fgsm_epsilons", "pgd_epsilons", "noise_sigmas")
     @classmethod
@@ -282,7 +282,26 @@ class EvaluateParams(Strict):
         return values
 
 
+class LatencyParams(Strict):
+    """How compress and evaluate time a model (kiln.core.latency): every model's session built and warmed up first,
+    then interleaved rounds in rotating order; the p50 of each round, the median over rounds."""
+
+    batch_size: int = Field(ge=1, description="The batched figures' batch (batch 1 is always measured too).")
+    rounds: int = Field(ge=1, description="Interleaved rounds: each times every model once, in rotating order.")
+    calls: int = Field(ge=1, description="Timed calls per model per round (its p50 is the round's figure).")
+    warmup_calls: int = Field(ge=0, description="Untimed calls per model before the first round.")
+
+
+class TrackingParams(Strict):
+    """Where every stage records its runs (MLflow; the store comes from MLFLOW_TRACKING_URI)."""
+
+    experiment: str = Field(min_length=1, description="The MLflow experiment of every stage's runs.")
+    registered_model: str = Field(min_length=1, description="The registry entry evaluate registers versions under.")
+
+
 class Params(Strict):
+    tracking: TrackingParams
+    latency: LatencyParams
     prepare: PrepareParams
     tune: TuneParams
     train: TrainParams
@@ -376,34 +395,41 @@ def params_hash(params: Params) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def _round_trip_yaml() -> YAML:
+    """ruamel's round-trip YAML that changes nothing it was not asked to: no line wrapping, `null` kept as `null`."""
+    document = YAML()
+    document.width = 4096
+    document.representer.add_representer(
+        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return document
+
+
 def write_overrides(path: Path | str, overrides: Mapping[str, Any]) -> Params:
-    """Validate overrides, then write them into params.yaml keeping its comments (like `dvc exp run -S`)."""
+    """Validate `overrides`, then write the values that differ into the params file, keeping its comments and layout
+    (like `dvc exp run -S`); a file whose values already match is not touched."""
     params = load_params(path, overrides)
-    if not overrides:
+    current = read_raw_params(path)
+    changed = {dotted: value for dotted, value in overrides.items() if _lookup(current, dotted) != value}
+    if not changed:
         return params
-    round_trip = YAML()
-    document = round_trip.load(Path(path).read_text())
-    for dotted, value in overrides.items():
+    yaml_file = _round_trip_yaml()
+    document = yaml_file.load(Path(path).read_text())
+    for dotted, value in changed.items():
         *parents, leaf = dotted.split(".")
         node = document
         for part in parents:
             node = node[part]
         node[leaf] = value
     with atomic_path(path) as tmp, open(tmp, "w") as handle:
-        round_trip.dump(document, handle)
+        yaml_file.dump(document, handle)
     return params
 
 
-def main_validate(path: str = "params.yaml") -> None:
-    """CLI: validate params.yaml and print a one-line summary."""
-    params = load_params(path)
-    print(f"{path} is valid: dataset={params.prepare.dataset} model={params.train.model}")
-
-
-if __name__ == "__main__":
-    import sys
-
-    try:
-        main_validate(*sys.argv[1:2])
-    except ParamsError as exc:
-        sys.exit(str(exc))
+def _lookup(raw: Mapping[str, Any], dotted: str) -> Any:
+    """The value at a dotted key, or a sentinel that equals nothing when the key is absent."""
+    node: Any = raw
+    for part in dotted.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return object()
+        node = node[part]
+    return node

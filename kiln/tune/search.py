@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from ray import tune
@@ -9,7 +10,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTra
 from ray.tune.search import BasicVariantGenerator, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
-from kiln.config import SearchDimension, TuneParams
+from kiln.core.params import SearchDimension, TuneParams
 
 _SAMPLERS = {
     "uniform": tune.uniform, "quniform": tune.quniform, "loguniform": tune.loguniform,
@@ -28,6 +29,12 @@ def to_domain(dimension: SearchDimension) -> Any:
         bounds = (int(dimension.low), int(dimension.high))
     step = () if dimension.q is None else (int(dimension.q) if "randint" in dimension.type else dimension.q,)
     return _SAMPLERS[dimension.type](*bounds, *step)
+
+
+def trial_count(settings: TuneParams) -> int:
+    """How many trials the search runs: num_samples, times the grid's size for grid search."""
+    return settings.num_samples * math.prod(len(dim.values or ()) for dim in settings.search_space.values()
+                                            if dim.type == "grid")
 
 
 def param_space(settings: TuneParams) -> dict[str, Any]:

@@ -1,25 +1,19 @@
-"""ONNX export, int8 static quantization, ONNX Runtime inference and latency measurement.
-
-ONNX Runtime sessions run every graph optimisation, sequentially, on as many intra-op threads as torch uses (both
-default to the physical cores), so ORT and torch eager timings get the same CPU.
-"""
+"""ONNX export (one self-contained file, dynamic batch) and int8 static quantization for ONNX Runtime."""
 
 from __future__ import annotations
 
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 from torch import nn
 
-INPUT, OUTPUT = "pixels", "logits"
+from kiln.core.inference import INPUT, OUTPUT
+
 # ORT's fast int8 conv kernel (MLAS's symmetric conv) takes input channels in multiples of 4 and at least 16 output
 # channels, a multiple of 8 (AVX2; 4 on AVX-512)
 CHANNEL_MULTIPLE, MIN_OUTPUT_CHANNELS, OUTPUT_CHANNEL_MULTIPLE = 4, 16, 8
@@ -129,41 +123,3 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: np.ndarray) -> 
             weight_type=QuantType.QInt8,
         )
     onnx.checker.check_model(str(int8_path), full_check=True)
-
-
-def session_options() -> ort.SessionOptions:
-    """All graph optimisations, sequential execution, as many intra-op threads as torch uses."""
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = torch.get_num_threads()
-    return options
-
-
-def onnx_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    """A function mapping one float32 batch to logits through an ORT CPU session opened once."""
-    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
-    return lambda images: session.run([OUTPUT], {INPUT: images})[0]
-
-
-def predict_batches(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """`run` over `images` in batches, outputs concatenated."""
-    return np.concatenate([run(images[start : start + batch_size]) for start in range(0, len(images), batch_size)])
-
-
-def predict_onnx(path: Path, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Logits of the ONNX model at `path` for float32 NCHW images in [0, 1]."""
-    return predict_batches(onnx_runner(path), np.ascontiguousarray(images, dtype=np.float32), batch_size)
-
-
-def measure_latency(run: Callable[[np.ndarray], object], batch: np.ndarray, repeats: int, warmup: int = 5) -> dict:
-    """Time `run(batch)` `repeats` times after `warmup` calls: p50/p95 in ms and images/s at the median."""
-    for _ in range(warmup):
-        run(batch)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run(batch)
-        seconds.append(time.perf_counter() - start)
-    p50, p95 = np.percentile(seconds, [50, 95])
-    return {"p50_ms": float(p50 * 1e3), "p95_ms": float(p95 * 1e3), "images_per_s": float(len(batch) / p50)}

@@ -10,7 +10,7 @@ import torch
 from captum.attr import IntegratedGradients
 from torch import nn
 
-from kiln.plots import save_attribution_grid
+from kiln.evaluate.plots import save_attribution_grid
 
 
 def first_of_each_class(labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import mlflow
 import yaml
-from mlflow import MlflowClient
 
-from kiln.config import Params, params_hash
-from kiln.data import MANIFEST
-from kiln.io import sha256_file
+from kiln.core.files import sha256_file
+from kiln.core.params import Params, params_hash
+from kiln.core.prepared import MANIFEST
+
+STORE, ARTIFACTS = "mlflow.db", "mlartifacts"  # the embedded default: a sqlite store and its artifacts, side by side
 
 
 def tracking_uri() -> str:
@@ -20,15 +21,16 @@ def tracking_uri() -> str:
 
     Absolute, so Ray workers whose working directory differs still write to the same store.
     """
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlflow.db').resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(STORE).resolve()}"
 
 
 def use_experiment(name: str) -> str:
     """Point the fluent API at the store and experiment; returns the tracking URI."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
-    if mlflow.get_experiment_by_name(name) is None and uri.startswith("sqlite:"):
-        mlflow.create_experiment(name, artifact_location=Path("mlartifacts").resolve().as_uri())
+    if mlflow.get_experiment_by_name(name) is None and uri.startswith("sqlite:///"):
+        store = Path(uri.removeprefix("sqlite:///"))  # artifacts beside the store, wherever the run's cwd is
+        mlflow.create_experiment(name, artifact_location=(store.parent / ARTIFACTS).resolve().as_uri())
     mlflow.set_experiment(name)
     return uri
 
@@ -43,7 +45,7 @@ def git_commit() -> str:
     return commit.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def data_hash(prepared_dir: Path | str = "data/prepared") -> str:
+def data_hash(prepared_dir: Path | str) -> str:
     """DVC's md5 of the prepared data from dvc.lock; the manifest's sha256 when DVC has not recorded it."""
     lock = Path("dvc.lock")
     if lock.is_file():
@@ -54,23 +56,9 @@ def data_hash(prepared_dir: Path | str = "data/prepared") -> str:
     return f"sha256:{sha256_file(Path(prepared_dir) / MANIFEST)}"
 
 
-def lineage_tags(params: Params, prepared_dir: Path | str = "data/prepared") -> dict[str, str]:
+def lineage_tags(params: Params, prepared_dir: Path | str) -> dict[str, str]:
     return {
         "kiln.git_commit": git_commit(),
         "kiln.data_hash": data_hash(prepared_dir),
         "kiln.params_hash": params_hash(params),
     }
-
-
-
-def close_stale_runs(experiment: str, tune_experiment: str) -> str | None:
-    """Mark runs an interrupted tune stage left RUNNING as KILLED; returns its latest parent run's id, if any."""
-    client = MlflowClient()
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
-    runs = client.search_runs([experiment_id], f"tags.`kiln.tune_experiment` = '{tune_experiment}'",
-                              order_by=["attributes.start_time DESC"], max_results=10_000)
-    for stale in (r for r in runs if r.info.status == "RUNNING"):
-        client.set_terminated(stale.info.run_id, "KILLED")
-    parents = [r.info.run_id for r in runs if r.data.tags.get("kiln.stage") == "tune"]
-    return parents[0] if parents else None
-

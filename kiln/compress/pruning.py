@@ -1,21 +1,21 @@
-"""Compression algorithms (plain PyTorch): magnitude pruning, channel pruning, distillation, and the policy that picks
-the deployable variant. Models are `nn.Sequential(Normalize, net)` as `build_model` makes them; channel pruning and
-distillation build thinner copies of plain CNNs (lenet, compact)."""
+"""Pruning (plain PyTorch): global magnitude pruning of any model, and channel pruning of plain CNNs (lenet, compact),
+each followed by a short fine-tune through the one training loop. Models are `nn.Sequential(Normalize, net)` as
+`build_model` makes them."""
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
 
 import torch
 from torch import nn
 from torch.nn.utils import prune
 from torch.utils.data import DataLoader
 
-from kiln.models import PLAIN_CNNS, PlainCNN
-from kiln.training import Loss, Recipe, make_optimizer, train_epoch
+from kiln.core.models import PLAIN_CNNS, PlainCNN
+from kiln.train.loop import Hooks, Loss, run_epochs
+from kiln.train.recipe import Recipe, make_optimizer
 
-MOMENTUM = 0.9
+FINETUNE_MOMENTUM = 0.9  # Nesterov SGD as in training; fine-tunes are short and unscheduled, so it is not tuned
 
 
 def _layers(model: nn.Module) -> list[nn.Conv2d | nn.Linear]:
@@ -34,9 +34,8 @@ def sparsity(model: nn.Module) -> float:
 
 def fine_tune(model: nn.Module, loader: DataLoader, epochs: int, lr: float, loss_fn: Loss | None = None) -> nn.Module:
     """Train `model` in place for `epochs` with SGD (Nesterov momentum, no weight decay); returns it in eval mode."""
-    optimizer = make_optimizer(model, Recipe(lr=lr, momentum=MOMENTUM, weight_decay=0.0))
-    for _ in range(epochs):
-        train_epoch(model, loader, optimizer, loss_fn=loss_fn)
+    optimizer = make_optimizer(model, Recipe(lr=lr, momentum=FINETUNE_MOMENTUM, weight_decay=0.0))
+    run_epochs(model, optimizer, loader, epochs, Recipe(), hooks=Hooks(loss=loss_fn))
     return model.eval()
 
 
@@ -52,7 +51,7 @@ def magnitude_prune(model: nn.Module, amount: float, loader: DataLoader, epochs:
     return pruned
 
 
-def _plain(model: nn.Module) -> PlainCNN:
+def plain_cnn(model: nn.Module) -> PlainCNN:
     net = model[1]
     if not isinstance(net, PlainCNN):
         raise TypeError(f"channel pruning and distillation need a plain CNN ({', '.join(PLAIN_CNNS)}), "
@@ -69,7 +68,7 @@ def _strongest(conv: nn.Conv2d, keep: float) -> torch.Tensor:
 def channel_prune(model: nn.Module, keep: float, loader: DataLoader, epochs: int, lr: float) -> nn.Module:
     """A smaller plain CNN: each conv keeps its `keep` fraction of output channels with the largest L1 norm; its
     batch norm, the next conv and the first linear layer keep the matching entries; then fine-tuned."""
-    net = _plain(model)
+    net = plain_cnn(model)
     state, kept, widths = net.state_dict(), torch.arange(net.arguments["in_channels"]), []
     for index, layer in enumerate(net.features):
         prefix = f"features.{index}."
@@ -91,41 +90,3 @@ def channel_prune(model: nn.Module, keep: float, loader: DataLoader, epochs: int
     small = nn.Sequential(copy.deepcopy(model[0]), net.with_widths([*widths, *net.widths[len(widths):]]))
     small[1].load_state_dict(state)
     return fine_tune(small, loader, epochs, lr)
-
-
-def distill(
-    teacher: nn.Module, width: float, loader: DataLoader, epochs: int, lr: float, temperature: float, alpha: float
-) -> nn.Module:
-    """A student with `width` times the teacher's layer widths (same plain CNN family), trained from scratch on
-    alpha * T^2 * KL(teacher || student, both softened by temperature T) + (1 - alpha) * cross-entropy."""
-    net = _plain(teacher)
-    student = nn.Sequential(copy.deepcopy(teacher[0]),
-                            net.with_widths([max(1, round(size * width)) for size in net.widths]))
-    teacher.eval()
-
-    def loss(logits: torch.Tensor, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            targets = nn.functional.log_softmax(teacher(images) / temperature, dim=1)
-        soft = nn.functional.log_softmax(logits / temperature, dim=1)
-        kl = nn.functional.kl_div(soft, targets, reduction="batchmean", log_target=True)
-        return alpha * temperature**2 * kl + (1 - alpha) * nn.functional.cross_entropy(logits, labels)
-
-    return fine_tune(student, loader, epochs, lr, loss)
-
-
-def qualified(accuracy: Mapping[str, float], max_drop_points: float, baseline: str = "fp32") -> list[str]:
-    """Variants whose accuracy is at most `max_drop_points` (percentage points) below the baseline's, which
-    always qualifies."""
-    return [name for name, value in accuracy.items()
-            if name == baseline or (accuracy[baseline] - value) * 100 <= max_drop_points + 1e-9]
-
-
-def select_deployable(
-    accuracy: Mapping[str, float], latency_ms: Mapping[str, float], max_drop_points: float, min_speedup: float = 1.0,
-    baseline: str = "fp32",
-) -> str:
-    """The qualified variant with the lowest latency (the first listed on a tie), if it is at least `min_speedup`
-    times faster than the baseline; otherwise the baseline (a gain within timing noise is no reason to ship a
-    compressed model)."""
-    fastest = min(qualified(accuracy, max_drop_points, baseline), key=latency_ms.__getitem__)
-    return fastest if latency_ms[baseline] >= min_speedup * latency_ms[fastest] else baseline

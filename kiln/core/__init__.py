@@ -1,0 +1,1 @@
+"""Shared by every stage: params schema, prepared-data format, model zoo, inference, latency, tracking, contract."""

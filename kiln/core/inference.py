@@ -1,0 +1,61 @@
+"""A model as a logits function over float32 NCHW pixels in [0, 1]: torch eager, or an ONNX Runtime session.
+
+ONNX Runtime sessions run every graph optimisation, sequentially, on as many intra-op threads as torch uses (both
+default to the physical cores), so ORT and torch eager timings get the same CPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+Logits = Callable[[np.ndarray], np.ndarray]  # float32 NCHW pixels in [0, 1] -> logits
+INPUT, OUTPUT = "pixels", "logits"  # the names of an exported model's input and output
+BATCH = 256  # images per call when scoring a whole split: amortises per-call overhead; results do not depend on it
+
+
+def torch_logits(model: nn.Module) -> Logits:
+    """Eager inference of `model`, switched to eval mode."""
+    model.eval()
+
+    @torch.inference_mode()
+    def run(images: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(images)).numpy()
+
+    return run
+
+
+def session_options() -> ort.SessionOptions:
+    """All graph optimisations, sequential execution, as many intra-op threads as torch uses."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.intra_op_num_threads = torch.get_num_threads()
+    return options
+
+
+def onnx_logits(path: Path) -> Logits:
+    """Inference through an ONNX Runtime CPU session opened once."""
+    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    return lambda images: session.run([OUTPUT], {INPUT: images})[0]
+
+
+def predict_batches(run: Logits, images: np.ndarray, batch_size: int = BATCH) -> np.ndarray:
+    """`run` over `images` in batches, logits concatenated."""
+    images = np.ascontiguousarray(images, dtype=np.float32)
+    return np.concatenate([run(images[start : start + batch_size]) for start in range(0, len(images), batch_size)])
+
+
+def predict_onnx(path: Path, images: np.ndarray, batch_size: int = BATCH) -> np.ndarray:
+    """Logits of the ONNX model at `path` for float32 NCHW images in [0, 1]."""
+    return predict_batches(onnx_logits(path), images, batch_size)
+
+
+def accuracy(run: Logits, images: np.ndarray, labels: np.ndarray) -> float:
+    """Top-1 accuracy of `run` on float32 `images`."""
+    return float((predict_batches(run, images).argmax(1) == labels).mean())

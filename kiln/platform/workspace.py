@@ -1,0 +1,74 @@
+"""A workspace of its own for each pipeline run, recorded as a DVC experiment.
+
+A run never edits the checkout it starts from. `clone_workspace` makes a git clone of it (its HEAD, plus its
+uncommitted changes to tracked files, as `dvc exp run --temp` does) that shares its DVC cache, so a stage whose inputs
+DVC has seen before is restored from the run-cache instead of run. `save_experiment` commits the run's params,
+dvc.lock and reports as a DVC experiment, and `push_experiment` sends the git ref to the origin repository (and the
+outputs and run-cache to the DVC remote, unless the cache is shared): `dvc exp show` lists it, `dvc exp apply NAME`
+brings it into a checkout.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from kiln.core.contract import stages
+from kiln.core.errors import InputError
+from kiln.core.shell import run
+
+
+@dataclass(frozen=True)
+class Experiment:
+    name: str
+    ref: str  # refs/exps/...: fetch it from `remote` to get the run's commit
+    commit: str  # the experiment commit: code, params.yaml, dvc.lock and the reports of the run
+    baseline: str  # the commit the run started from
+    remote: str  # the git repository the ref was pushed to
+
+
+def clone_workspace(source: Path, workspace: Path) -> Path:
+    """Clone `source`'s repository at HEAD into `workspace`, apply `source`'s uncommitted changes to tracked files,
+    point the clone's DVC cache at `source`'s and check out what the cache holds of the DVC-tracked files."""
+    source, workspace = source.resolve(), workspace.resolve()
+    try:
+        run(["git", "rev-parse", "--verify", "HEAD"], cwd=source)
+    except Exception:
+        raise InputError(f"{source}: not a git repository with a commit; a run starts from a commit") from None
+    run(["git", "clone", "--quiet", "--shared", str(source), str(workspace)])
+    changes = run(["git", "diff", "HEAD", "--binary"], cwd=source)
+    if changes.strip():
+        subprocess.run(["git", "apply", "--whitespace=nowarn"], cwd=workspace, input=changes, text=True, check=True)
+    cache = run(["dvc", "cache", "dir"], cwd=source).strip()
+    run(["dvc", "cache", "dir", "--local", cache], cwd=workspace)
+    run(["dvc", "checkout", "--allow-missing"], cwd=workspace)  # the raw data, and whatever a committed dvc.lock names
+    return workspace
+
+
+def report_files(workspace: Path) -> list[str]:
+    """The outputs dvc.yaml keeps in git rather than the cache (reports, tables, figures) that exist in `workspace`."""
+    cached = set(run(["git", "ls-files"], cwd=workspace).split())
+    declared = {str(path) for stage in stages(workspace).values() for path in stage.outs}
+    ignored = set(run(["git", "check-ignore", "--no-index", *sorted(declared)], cwd=workspace, ok_codes=(0, 1)).split())
+    return sorted(path for path in declared - ignored - cached if (workspace / path).exists())
+
+
+def save_experiment(workspace: Path, name: str) -> Experiment:
+    """Commit the workspace (params, dvc.lock, reports) as the DVC experiment `name`."""
+    run(["dvc", "exp", "save", "--force", "--name", name, *(f"--include-untracked={path}"
+                                                             for path in report_files(workspace))], cwd=workspace)
+    baseline = run(["git", "rev-parse", "HEAD"], cwd=workspace).strip()
+    ref = run(["git", "for-each-ref", "--format=%(refname)", f"refs/exps/*/*/{name}"], cwd=workspace).split()
+    if len(ref) != 1:
+        raise RuntimeError(f"`dvc exp save --name {name}` left {len(ref)} refs named {name} in {workspace}")
+    commit = run(["git", "rev-parse", ref[0]], cwd=workspace).strip()
+    remote = run(["git", "remote", "get-url", "origin"], cwd=workspace).strip()
+    return Experiment(name, ref[0], commit, baseline, remote)
+
+
+def push_experiment(workspace: Path, experiment: Experiment, with_data: bool) -> None:
+    """Push the experiment's ref to `origin`; with `with_data`, also its outputs and the run-cache to the default DVC
+    remote (not needed when the workspace shares the origin checkout's cache)."""
+    data = ["--run-cache"] if with_data else ["--no-cache"]
+    run(["dvc", "exp", "push", *data, "origin", experiment.name], cwd=workspace)

@@ -1,0 +1,1 @@
+"""The tune stage's library: search spaces, algorithms and schedulers, trials, and the trial reports."""

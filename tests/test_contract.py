@@ -1,0 +1,143 @@
+"""dvc.yaml is the contract between the stages: each command names the paths its stage reads and writes, declared
+again as deps and outs, and each stage's code deps cover every project module it imports (so editing one re-runs
+the stage). The layering that keeps those lists short: kiln imports no stage, flow or Prefect; a stage imports no
+other stage; a stage's kiln package imports only the packages it builds on."""
+
+from __future__ import annotations
+
+import ast
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kiln.core.contract import stages
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("kiln", "tasks", "flows", "benchmarks")  # the project's own top-level packages
+STAGE_ENTRY = ("tasks/__main__.py", "tasks/stages.py")  # what `python -m tasks STAGE` runs before the stage module
+KILN_LAYERS = {  # a kiln package -> the kiln packages it may import
+    "core": {"core"}, "prepare": {"core", "prepare"}, "train": {"core", "train"},
+    "tune": {"core", "train", "tune"}, "compress": {"core", "train", "compress"}, "evaluate": {"core", "evaluate"},
+    "platform": {"core", "platform"},
+}
+
+
+def module_file(name: str, root: Path) -> Path | None:
+    """The file of project module `name` under `root` (a module or a package's __init__), or None."""
+    path = root.joinpath(*name.split("."))
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imported_modules(file: Path, root: Path) -> set[str]:
+    """Project modules `file` imports anywhere in its body (function-level imports included), with the packages
+    Python runs on the way (a.b.c imports a and a.b too)."""
+    names = set()
+    for node in ast.walk(ast.parse(file.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
+    found = set()
+    for name in names:
+        if name.split(".")[0] in PACKAGES:
+            parts = name.split(".")
+            found.update(".".join(parts[:end]) for end in range(1, len(parts) + 1)
+                         if module_file(".".join(parts[:end]), root))
+    return found
+
+
+def docstring_only(file: Path) -> bool:
+    """A module with nothing but a docstring (a package's map) cannot change what a stage computes."""
+    body = ast.parse(file.read_text()).body
+    return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
+
+
+def closure(files: list[Path], root: Path) -> set[Path]:
+    """Every project file with code that importing `files` runs, transitively."""
+    seen, todo = set(), list(files)
+    while todo:
+        file = todo.pop()
+        if file in seen:
+            continue
+        seen.add(file)
+        todo.extend(module_file(name, root) for name in imported_modules(file, root))
+    return {path.relative_to(root) for path in seen if not docstring_only(path)}
+
+
+def missing_code_deps(stage: str, root: Path = REPO) -> list[str]:
+    """Project files the stage's command imports that none of its deps (a file or a folder) covers."""
+    declared = stages(root)[stage].deps
+    entry = [root / name for name in (*STAGE_ENTRY, f"tasks/{stage}.py")]
+    return sorted(str(file) for file in closure(entry, root)
+                  if not any(file == dep or dep in file.parents for dep in declared))
+
+
+def unused_code_deps(stage: str, root: Path = REPO) -> list[str]:
+    """Code deps (under kiln/ or tasks/) holding nothing the stage imports: they would re-run it for nothing."""
+    imported = closure([root / name for name in (*STAGE_ENTRY, f"tasks/{stage}.py")], root)
+    return sorted(str(dep) for dep in stages(root)[stage].deps if dep.parts[0] in ("kiln", "tasks")
+                  and not any(file == dep or dep in file.parents for file in imported))
+
+
+@pytest.mark.parametrize("stage", list(stages(REPO)))
+def test_code_deps_cover_every_module_the_stage_imports(stage: str) -> None:
+    assert missing_code_deps(stage) == [], f"add these to stage {stage!r}'s deps in dvc.yaml"
+    assert unused_code_deps(stage) == [], f"stage {stage!r} imports nothing from these deps"
+
+
+def test_the_deps_check_bites(tmp_path: Path) -> None:
+    """A dvc.yaml whose train stage lost a folder dep fails the check, naming the modules it no longer covers."""
+    for name in ("kiln", "tasks"):
+        (tmp_path / name).symlink_to(REPO / name)
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    spec["stages"]["train"]["deps"].remove("kiln/train")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec))
+    missing = missing_code_deps("train", tmp_path)
+    assert "kiln/train/loop.py" in missing and "kiln/train/distributed.py" in missing
+    spec["stages"]["train"]["deps"].append("kiln/evaluate")
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump(spec))
+    assert unused_code_deps("train", tmp_path) == ["kiln/evaluate"]
+
+
+@pytest.mark.parametrize("stage", list(stages(REPO)))
+def test_the_command_names_every_path_and_dvc_declares_them(stage: str) -> None:
+    contract = stages(REPO)[stage]
+    assert shlex.split(contract.cmd)[:4] == ["python", "-m", "tasks", stage]
+    declared = set(contract.deps) | set(contract.outs)
+    assert all(path in declared or any(out.is_relative_to(path) for out in contract.outs)
+               for path in contract.paths.values()), f"{stage}: every path on the command line is a dep or an out"
+    assert all(any(out == path or out.is_relative_to(path) for path in contract.paths.values())
+               for out in contract.outs), f"{stage}: every output lies under a path the command names"
+    assert all(dep.parts[0] in ("kiln", "tasks", "data") or dep in contract.paths.values()
+               for dep in contract.deps), f"{stage}: every data dep is on the command line"
+
+
+def test_stages_pass_paths_only_through_the_command_line() -> None:
+    """No stage module or library module writes a pipeline path literally: dvc.yaml's command lines carry them."""
+    outputs = {str(path) for stage in stages(REPO).values() for path in (*stage.paths.values(), *stage.outs)}
+    for file in [*REPO.glob("tasks/*.py"), *REPO.glob("kiln/**/*.py"), *REPO.glob("flows/*.py"),
+                 *REPO.glob("benchmarks/*.py")]:
+        text = file.read_text()
+        assert not [path for path in outputs if f'"{path}"' in text], f"{file.relative_to(REPO)} repeats a path"
+
+
+def test_layers() -> None:
+    for file in REPO.glob("kiln/**/*.py"):
+        modules = imported_modules(file, REPO)
+        assert not [m for m in modules if m.split(".")[0] in ("tasks", "flows", "benchmarks")], file
+        assert "import prefect" not in file.read_text() and "from prefect" not in file.read_text(), file
+        package = file.relative_to(REPO / "kiln").parts[0]
+        if package in KILN_LAYERS:
+            used = {m.split(".")[1] for m in modules if m.startswith("kiln.") and len(m.split(".")) > 2}
+            assert used <= KILN_LAYERS[package], f"{file.relative_to(REPO)} imports kiln.{used - KILN_LAYERS[package]}"
+    for stage in stages(REPO):
+        others = {f"tasks.{other}" for other in stages(REPO) if other != stage}
+        assert not imported_modules(REPO / f"tasks/{stage}.py", REPO) & others, f"tasks/{stage}.py imports a stage"
+    for file in REPO.glob("benchmarks/*.py"):
+        assert not [m for m in imported_modules(file, REPO) if m.startswith("tasks")], f"{file} imports tasks"
