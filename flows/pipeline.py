@@ -34,7 +34,7 @@ from kiln.core.errors import InputError
 from kiln.core.params import load_params, write_overrides
 from kiln.core.tracking import tracking_uri
 from kiln.platform.lineage import record_experiment
-from kiln.platform.workspace import Experiment, clone_workspace, push_experiment, save_experiment
+from kiln.platform.workspace import Experiment, clone_workspace, push_experiment, require_tracked_data, save_experiment
 from tasks.summary import RAN, markdown, stage_statuses
 
 TOP_TRIALS = 5
@@ -54,12 +54,13 @@ def run_stage(stage: str, workspace: Path, pull: bool) -> str:
 
 @task
 def open_workspace(mode: str, source: Path) -> Path:
-    """A fresh clone of `source` (mode `clone`) or `source` itself (mode `here`)."""
-    if mode == "here":
-        return source
-    workspace = Path(tempfile.mkdtemp(prefix="kiln-run-")) / "workspace"
-    clone_workspace(source, workspace)
-    get_run_logger().info(f"workspace: {workspace} (a clone of {source}, sharing its DVC cache)")
+    """A fresh clone of `source` (mode `clone`) or `source` itself (mode `here`), with its DVC-tracked inputs."""
+    workspace = source
+    if mode == "clone":
+        workspace = Path(tempfile.mkdtemp(prefix="kiln-run-")) / "workspace"
+        clone_workspace(source, workspace)
+        get_run_logger().info(f"workspace: {workspace} (a clone of {source}, sharing its DVC cache)")
+    require_tracked_data(workspace)
     return workspace
 
 
@@ -82,16 +83,18 @@ def top_trials(workspace: Path, count: int = TOP_TRIALS) -> list[dict[str, Any]]
 
 
 @flow(name="kiln", log_prints=True)
-def pipeline(overrides: dict[str, Any] | None = None,
-             workspace: Literal["clone", "here"] = "clone") -> dict[str, Any]:
+def pipeline(overrides: dict[str, Any] | None = None, workspace: Literal["clone", "here"] = "clone",
+             storage_path: str | None = None) -> dict[str, Any]:
     """Apply `overrides` (dotted params.yaml keys, validated before anything else) in a workspace of this run and
-    bring every stage up to date there; returns each stage's status and the experiment's name."""
+    bring every stage up to date there; returns each stage's status and the experiment's name and commit.
+    `storage_path`, when given, is train.storage_path: where Ray keeps checkpoints (a deployment's setting)."""
     source = Path.cwd()
+    overrides = {**({"train.storage_path": storage_path} if storage_path else {}), **(overrides or {})}
     load_params(source / PARAMS_FILE, overrides)  # a bad override fails here, naming the key
     if workspace == "clone":
         os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())  # the checkout's store, not the workspace's
     folder = open_workspace(workspace, source)
-    write_overrides(folder / PARAMS_FILE, overrides or {})
+    write_overrides(folder / PARAMS_FILE, overrides)
     statuses = {stage: run_stage(stage, folder, pull=workspace == "here") for stage in stages(folder)}
     name = f"{flow_run.get_name() or 'kiln'}-{str(flow_run.get_id() or '')[:8]}".strip("-")
     experiment = record(folder, name, shared_cache=workspace == "clone", evaluated=statuses.get("evaluate") == RAN)

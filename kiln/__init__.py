@@ -7,6 +7,8 @@
     tune/      Ray Tune search spaces, trials (which call train's loop), the trial tables and plots
     compress/  pruning, distillation, ONNX export and int8, building, measuring and selecting variants
     evaluate/  metrics, calibration, robustness, explanations, the registry's promotion gate
+    platform/  beyond one checkout: flow-run workspaces and DVC experiments, lineage, `kiln reproduce`, and the
+               service stack of a team server (`kiln cluster up`); no stage imports it
 
 A stage's package imports only `core/` and packages listed before it that it builds on (tune and compress use
 train's loop); nothing here imports Prefect, `tasks/` or `flows/`. dvc.yaml lists each stage's packages as its

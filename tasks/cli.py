@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -11,10 +12,9 @@ import typer
 from kiln.core import shell
 from kiln.core.errors import InputError
 from kiln.core.params import load_params
-from tasks import stages, summary
+from tasks import cluster, stages, summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-stages.register(app)
 PIPELINE = "Pipeline"
 
 
@@ -38,11 +38,42 @@ def show_summary() -> None:
 @app.command(rich_help_panel=PIPELINE)
 def flow(assignments: Annotated[list[str] | None, typer.Option(
         "--set", "-S", help="Override a params key for this run: train.epochs=3 (repeatable).")] = None) -> None:
-    """Run the Prefect flow once, here: in a workspace of its own, recorded as a DVC experiment (Prefect's
-    ephemeral API unless PREFECT_API_URL is set)."""
+    """Run the Prefect flow once, in a workspace of its own, recorded as a DVC experiment.
+
+    Prefect's ephemeral API is used unless PREFECT_API_URL is set."""
     from flows.pipeline import run_from_cli
 
     run_from_cli(assignments or [])
+
+
+@app.command(rich_help_panel="Models")
+def reproduce(
+    model_uri: Annotated[str, typer.Argument(help="A registered version: models:/NAME/VERSION or models:/NAME@ALIAS.")],
+    workdir: Annotated[Path | None, typer.Option(help="Where to rebuild it [default: a new temporary folder].")] = None,
+) -> None:
+    """Rebuild a registered version from its lineage and compare every stage with the record.
+
+    The lineage is the DVC experiment of the flow run that registered the version (see README, "Reproducing a
+    registered version")."""
+    from mlflow import MlflowClient
+
+    from kiln.core.tracking import tracking_uri
+    from kiln.platform.reproduce import lineage_of
+    from kiln.platform.reproduce import reproduce as rebuild
+
+    try:
+        lineage = lineage_of(model_uri, MlflowClient(tracking_uri()))
+        workspace = workdir or Path(tempfile.mkdtemp(prefix="kiln-reproduce-")) / "workspace"
+        print(f"reproduce: {lineage.name} v{lineage.version} from {lineage.ref} ({lineage.commit[:10]}) of "
+              f"{lineage.remote}, in {workspace}")
+        checks = rebuild(lineage, workspace, echo=print)
+    except InputError as exc:
+        sys.exit(f"reproduce: {exc}")
+    for check in checks:
+        verdict = "identical" if check.identical else ("DIFFERS" if check.required else "differs (allowed)")
+        print(f"  {check.stage:<9} {verdict:<18} {check.detail}")
+    if any(check.required and not check.identical for check in checks):
+        sys.exit(f"reproduce: {lineage.name} v{lineage.version} did not reproduce; see {workspace}")
 
 
 @app.command(rich_help_panel="Models")
@@ -62,3 +93,7 @@ def predict(
     except InputError as exc:
         sys.exit(f"predict: {exc}")
     print(f"predict: {count} items from {input_path} with {model_uri} -> {output}")
+
+
+app.add_typer(cluster.app, name="cluster", rich_help_panel="Services")
+stages.register(app)  # last, so `kiln --help` lists the everyday verbs first

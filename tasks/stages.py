@@ -8,6 +8,7 @@ about a second; input errors print without a traceback and exit 1.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,7 @@ Reports = Annotated[Path, typer.Option(help="The folder of this stage's metrics,
 def run_stage(stage: str, params_file: Path, **paths: Path) -> None:
     """Validate `params_file`, then run `tasks.<stage>.run(params, **paths)`, timing it."""
     started = time.perf_counter()
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # progress bars make a stage's log noise
     try:
         params = load_params(params_file)
         importlib.import_module(f"tasks.{stage}").run(params, **paths)

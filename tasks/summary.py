@@ -4,6 +4,7 @@ decision, and what to open next. Read from the stages' outputs, wherever dvc.yam
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,15 @@ from typing import Any
 from kiln.core.contract import stages
 
 RAN, UP_TO_DATE, RESTORED = "ran", "up to date", "restored"  # the last: from DVC's run-cache, without running
-NEXT = [("mlflow ui --backend-store-uri sqlite:///mlflow.db", "every stage's runs, the registry, comparisons"),
-        ("dvc plots show", "learning curves, confusion matrix... (dvc_plots/index.html)"),
+NEXT = [("dvc plots show", "learning curves, confusion matrix... (dvc_plots/index.html)"),
         ("dvc exp show", "params and metrics of this and earlier experiments")]
+
+
+def next_steps() -> list[tuple[str, str]]:
+    """What to open next: MLflow (the server in MLFLOW_TRACKING_URI, or a UI over the local store), DVC's views."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    mlflow = f"open {uri}" if uri.startswith("http") else "mlflow ui --backend-store-uri sqlite:///mlflow.db"
+    return [(mlflow, "every stage's runs, the registry, comparisons"), *NEXT]
 
 
 def stage_statuses(dvc_output: str) -> dict[str, tuple[str, float | None]]:
@@ -86,7 +93,7 @@ def render(statuses: dict[str, tuple[str, float | None]], root: Path = Path(".")
     text.append("results")
     text += [f"  {name:<{width}}  {line}" for name, line in lines.items()]
     text.append("next")
-    text += [f"  {command:<52} {what}" for command, what in NEXT]
+    text += [f"  {command:<52} {what}" for command, what in next_steps()]
     return "\n".join(text)
 
 

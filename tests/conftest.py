@@ -1,4 +1,5 @@
-"""Shared fixtures: one real Ray cluster per session, and a temp git + DVC copy of the repo on tiny params."""
+"""Shared fixtures: the service stack (with its real two-node Ray cluster) once per session, and a temp git + DVC copy
+of the repo on tiny params."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import yaml
 
 from kiln.core.models import build_model
 from kiln.core.params import validate_params
+from kiln.platform.stack import Stack, StackSettings, down, up
 from tasks import prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,44 +119,43 @@ def stop(process: subprocess.Popen, grace: float = 30) -> None:
         process.wait()
 
 
-def start_ray_node(*args: str) -> subprocess.Popen:
-    """`ray start --block` in the background: terminating it stops this node's processes and no others."""
-    return subprocess.Popen([str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                             "--disable-usage-stats", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_for_nodes(count: int, timeout: float = 120) -> None:
-    probe = "import ray; ray.init(); print(sum(node['Alive'] for node in ray.nodes()))"
-    deadline = time.monotonic() + timeout
-    while run([sys.executable, "-c", probe], cwd=REPO, check=False).stdout.strip() != str(count):
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"the test Ray cluster did not reach {count} nodes in {timeout:.0f} s")
-        time.sleep(1)
+STACK_URLS = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")  # tests keep their own stores unless they ask for these
 
 
 @pytest.fixture(scope="session")
-def ray_address() -> Iterator[str]:
-    """A real two-node Ray cluster on loopback (a head and one more node, 1 CPU each), shared by in-process tests
-    and every stage subprocess, so multi-worker training and parallel trials really cross nodes. Only this
-    cluster is stopped afterwards: other Ray instances on the machine are left alone."""
-    port = free_port()
-    address = f"127.0.0.1:{port}"
-    saved = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = address
-    nodes = [start_ray_node("--head", f"--port={port}", "--include-dashboard=false")]
-    wait_for_nodes(1)
-    nodes.append(start_ray_node(f"--address={address}"))
-    wait_for_nodes(2)
-    yield address
-    import ray
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The service stack of `kiln cluster up` (PostgreSQL, SeaweedFS S3, MLflow and Prefect servers, a Prefect worker,
+    a Ray head and one more node with 1 CPU each, all on loopback), started once per session by the same code and
+    shared by every test that asks for it or for `ray_address`. Its env goes into os.environ for the session (the
+    Ray nodes already have the S3 settings), except the MLflow and Prefect URLs: tests that want those servers read
+    `stack.env`. Only this stack's processes are stopped afterwards; its logs stay in the session's temp dir."""
+    root = tmp_path_factory.mktemp("stack")
+    postgres_dir = Path(tempfile.gettempdir()) / f"kiln-test-postgres-{secrets.token_hex(4)}"  # pytest's are root-only
+    try:
+        started = up(StackSettings(root=root, ray_nodes=2, cpus_per_ray_node=1, postgres_dir=postgres_dir))
+    except BaseException:
+        down(root, purge=True)
+        raise
+    saved = {key: os.environ.get(key) for key in started.env}
+    os.environ.update({key: value for key, value in started.env.items() if key not in STACK_URLS})
+    yield started
+    if "ray" in sys.modules:
+        sys.modules["ray"].shutdown()
+    down(root, purge=True)
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
-    ray.shutdown()
-    for node in reversed(nodes):
-        stop(node, grace=60)
-    if saved is None:
-        os.environ.pop("RAY_ADDRESS")
-    else:
-        os.environ["RAY_ADDRESS"] = saved
+
+@pytest.fixture(scope="session")
+def ray_address(stack: Stack) -> str:
+    """The stack's real two-node Ray cluster on loopback (a head and one more node, 1 CPU each), shared by in-process
+    tests and every stage subprocess (RAY_ADDRESS is set), so multi-worker training and parallel trials really cross
+    nodes."""
+    os.environ["RAY_ADDRESS"] = stack.env["RAY_ADDRESS"]
+    return stack.env["RAY_ADDRESS"]
 
 
 def copy_repo(target: Path, params: dict) -> Path:
@@ -170,7 +171,8 @@ def copy_repo(target: Path, params: dict) -> Path:
     shutil.copytree(REPO / RAW_DATA, target / RAW_DATA)  # as `dvc pull` would bring it
     (target / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q"], ["git", "add", "-A"],
-                    ["git", "-c", "user.email=ci@kiln", "-c", "user.name=ci", "commit", "-qm", "copy"]):
+                    ["git", "-c", "user.email=ci@kiln", "-c", "user.name=ci", "commit", "-qm", "copy"],
+                    [str(BIN / "dvc"), "repro", "-q", str(RAW_DATA) + ".dvc"]):  # into the DVC cache, as `make data`
         subprocess.run(command, cwd=target, check=True)
     return target
 

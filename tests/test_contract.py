@@ -120,7 +120,8 @@ def test_the_command_names_every_path_and_dvc_declares_them(stage: str) -> None:
 
 def test_stages_pass_paths_only_through_the_command_line() -> None:
     """No stage module or library module writes a pipeline path literally: dvc.yaml's command lines carry them."""
-    outputs = {str(path) for stage in stages(REPO).values() for path in (*stage.paths.values(), *stage.outs)}
+    outputs = {str(path) for stage in stages(REPO).values() for path in (*stage.paths.values(), *stage.outs)
+               if len(path.parts) > 1}  # a bare word such as "models" is also a dictionary key
     for file in [*REPO.glob("tasks/*.py"), *REPO.glob("kiln/**/*.py"), *REPO.glob("flows/*.py"),
                  *REPO.glob("benchmarks/*.py")]:
         text = file.read_text()

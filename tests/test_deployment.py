@@ -40,7 +40,8 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> I
 
 def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], tmp_path: Path,
                                                   ray_address: str) -> None:
-    repo = copy_repo(tmp_path, TINY_PARAMS)
+    (tmp_path / "repo").mkdir()
+    repo = copy_repo(tmp_path / "repo", TINY_PARAMS)
     env = {**prefect_env, "PWD": str(repo)}
 
     def prefect(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:

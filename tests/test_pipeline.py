@@ -39,7 +39,7 @@ def test_every_stage_writes_its_outputs(reproduced: Path) -> None:
     assert compress["int8_size_ratio"] > 1
     evaluate = metrics(reproduced, "evaluate")
     assert evaluate["test_accuracy"] > 0.8
-    assert abs(evaluate["test_accuracy"] - evaluate["fp32_test_accuracy"]) < 0.03
+    assert abs(evaluate["test_accuracy"] - evaluate["fp32_test_accuracy"]) < 0.05  # a 2-point val budget, 360 images
     assert (reproduced / "reports/evaluate/confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -64,6 +64,8 @@ def test_the_run_ends_with_a_one_screen_summary(reproduced: Path) -> None:
     metrics = json.loads(run(["dvc", "metrics", "show", "--json"], cwd=reproduced).stdout)
     columns = {key for files in metrics[""]["data"].values() for key in files["data"]}
     assert len(columns) <= 32, f"dvc metrics show stays readable: {len(columns)} columns"
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], cwd=reproduced).stdout)["data"]
+    assert plots and all(len(rendered) == 1 for rendered in plots.values()), "dvc plots show draws each plot once"
 
 
 def test_second_repro_runs_nothing(reproduced: Path) -> None:
@@ -110,16 +112,18 @@ def test_first_version_is_champion_and_challenger(reproduced: Path) -> None:
 
 
 def flow(repo: Path, *assignments: str) -> dict:
+    """`kiln flow -S ...` in `repo`: its result, and its output under "log"."""
     result = run([str(BIN / "kiln"), "flow", *(item for assignment in assignments for item in ("-S", assignment))],
                  cwd=repo)
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return {**json.loads(result.stdout.strip().splitlines()[-1]), "log": result.stdout + result.stderr}
 
 
 def test_prefect_flow_runs_in_its_own_workspace_and_records_an_experiment(reproduced: Path, tmp_path: Path) -> None:
     params_before = (reproduced / "params.yaml").read_bytes()
     result = flow(reproduced, f"train.epochs={TINY_EPOCHS + 1}")
     assert result["stages"] == {"prepare": "restored", "tune": "restored", "train": "ran", "compress": "ran",
-                                "evaluate": "ran"}, "DVC's run-cache restores what the override does not touch"
+                                "evaluate": "ran"}, f"DVC's run-cache restores what the override does not touch:\n" \
+                                                    f"{result['log'][-8000:]}"
     assert (reproduced / "params.yaml").read_bytes() == params_before, "the checkout is never edited"
     assert run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=reproduced).stdout == ""
     name, commit = result["experiment"], result["commit"]
@@ -150,5 +154,6 @@ def test_prefect_flow_runs_in_its_own_workspace_and_records_an_experiment(reprod
 
     again = flow(reproduced, f"train.epochs={TINY_EPOCHS + 1}")
     assert set(again["stages"].values()) == {"restored"} and again["experiment"] != name
-    assert sorted(v.version for v in client.search_model_versions("name = 'kiln'")) == ["1", "2"], "none registered"
+    versions = client.search_model_versions("name = 'kiln'")
+    assert sorted(str(version.version) for version in versions) == ["1", "2"], "nothing registered again"
     assert "didn't change" in run(["dvc", "repro"], cwd=reproduced).stdout

@@ -1,2 +1,8 @@
-"""Running kiln beyond one checkout: flow-run workspaces recorded as DVC experiments, lineage on registered models,
-rebuilding a registered version, and the service stack of a team server. No stage imports this package."""
+"""Running kiln beyond one checkout. No stage imports this package.
+
+    workspace   a workspace of its own for each flow run, saved and pushed as a DVC experiment
+    lineage     the experiment recorded on the model version evaluate registered
+    reproduce   rebuilding a registered version from that lineage, stage by stage against the record
+    stack       the service stack of a team server (`kiln cluster up`), from its parts: postgres, objectstore
+                (SeaweedFS S3), servers (MLflow, Prefect server and worker), raynodes, processes (start, stop, logs)
+"""

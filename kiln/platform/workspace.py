@@ -14,6 +14,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from kiln.core.contract import stages
 from kiln.core.errors import InputError
 from kiln.core.shell import run
@@ -46,18 +48,32 @@ def clone_workspace(source: Path, workspace: Path) -> Path:
     return workspace
 
 
-def report_files(workspace: Path) -> list[str]:
-    """The outputs dvc.yaml keeps in git rather than the cache (reports, tables, figures) that exist in `workspace`."""
-    cached = set(run(["git", "ls-files"], cwd=workspace).split())
-    declared = {str(path) for stage in stages(workspace).values() for path in stage.outs}
-    ignored = set(run(["git", "check-ignore", "--no-index", *sorted(declared)], cwd=workspace, ok_codes=(0, 1)).split())
-    return sorted(path for path in declared - ignored - cached if (workspace / path).exists())
+def require_tracked_data(workspace: Path) -> None:
+    """Raise InputError naming every `.dvc`-tracked input (raw data) missing from `workspace`: a run without it would
+    fail late (prepare) or not at all but record nothing (DVC refuses to save an experiment with a missing output)."""
+    missing = []
+    for tracked in run(["git", "ls-files", "*.dvc"], cwd=workspace).split():
+        outs = yaml.safe_load((workspace / tracked).read_text()).get("outs", [])
+        missing += [f"{tracked} ({out['path']})" for out in outs
+                    if not (workspace / tracked).parent.joinpath(out["path"]).exists()]
+    if missing:
+        raise InputError(f"{workspace}: the DVC-tracked inputs {', '.join(missing)} are in neither the DVC cache nor "
+                         "the remote; `dvc push` them from a checkout that has them (`make data`)")
+
+
+def files_to_record(workspace: Path) -> list[str]:
+    """Untracked files an experiment commit must hold: the metrics and plots git keeps (`cache: false`) and the
+    .gitignore files DVC writes beside cached outputs."""
+    declared = [path for stage in stages(workspace).values() for path in stage.outs]
+    candidates = {str(path) for path in declared} | {str(path.parent / ".gitignore") for path in declared}
+    untracked = set(run(["git", "ls-files", "--others", "--exclude-standard"], cwd=workspace).split())
+    return sorted(candidates & untracked)
 
 
 def save_experiment(workspace: Path, name: str) -> Experiment:
     """Commit the workspace (params, dvc.lock, reports) as the DVC experiment `name`."""
-    run(["dvc", "exp", "save", "--force", "--name", name, *(f"--include-untracked={path}"
-                                                             for path in report_files(workspace))], cwd=workspace)
+    record = [f"--include-untracked={path}" for path in files_to_record(workspace)]
+    run(["dvc", "exp", "save", "--force", "--name", name, *record], cwd=workspace)
     baseline = run(["git", "rev-parse", "HEAD"], cwd=workspace).strip()
     ref = run(["git", "for-each-ref", "--format=%(refname)", f"refs/exps/*/*/{name}"], cwd=workspace).split()
     if len(ref) != 1:

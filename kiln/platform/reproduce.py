@@ -1,0 +1,181 @@
+"""Rebuild a registered model version from its lineage, and say stage by stage whether the outputs match the record.
+
+The version's tags name the DVC experiment that produced it (kiln.platform.lineage): the git repository, the ref and
+the commit, whose params.yaml, dvc.lock and reports are the run's record. `reproduce` checks that commit out in a fresh
+workspace, gets the recorded data (from the DVC remote in KILN_DVC_REMOTE, else from the cache of the checkout the
+repository lives in), re-runs every stage with `dvc repro --force --single-item` against a scratch MLflow store, and
+compares each stage's new outputs with the recorded ones. It then puts the recorded outputs back, so the next stage
+starts from exactly the inputs the original run had.
+
+The policy, on the same CPU class (POLICY): prepare's data, train's per-epoch metrics, compress's per-variant
+accuracies and evaluate's metrics must be identical; timings (latency, images/s) are measured, not compared. Tune's
+best configuration (ASHA trials finish in another order when several run at once) and compress's deployable variant
+(chosen by measured latency) are reported as identical or not, and the recorded decision is what later stages use.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from kiln.core.contract import stages
+from kiln.core.errors import InputError
+from kiln.core.shell import CommandError, run, stream
+from kiln.platform.lineage import EXPERIMENT_TAGS
+
+TIMINGS = re.compile(r"(latency|images_per_s|_ms$)")  # measured figures: never compared
+
+
+@dataclass(frozen=True)
+class Lineage:
+    name: str
+    version: str
+    remote: str  # the git repository holding the experiment's ref
+    ref: str
+    commit: str
+
+
+@dataclass(frozen=True)
+class StageCheck:
+    stage: str
+    identical: bool
+    required: bool  # False: allowed to differ by the policy (reported only)
+    detail: str
+
+
+def _without_timings(value: Any) -> Any:
+    """`value` with every timing key (latency, images/s, milliseconds) removed, recursively."""
+    if isinstance(value, dict):
+        return {key: _without_timings(item) for key, item in value.items() if not TIMINGS.search(key)}
+    if isinstance(value, list):
+        return [_without_timings(item) for item in value]
+    return value
+
+
+def _lock_outs(workspace: Path, stage: str) -> list[tuple[str, str]]:
+    """(path, md5) of every output dvc.lock records for `stage`."""
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())
+    return [(out["path"], out["md5"]) for out in lock["stages"][stage]["outs"]]
+
+
+def _output(workspace: Path, stage: str, name: str) -> str:
+    return (workspace / stages(workspace)[stage].output(name)).read_text()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one stage's result is read from a workspace, whether it must match the record, and what it is."""
+
+    read: Callable[[Path], Any]
+    required: bool
+    what: str
+    compared: Callable[[Any], Any] = lambda result: result  # the part that is compared
+    note: Callable[[Any, Any], str] = lambda new, old: ""  # what else to report
+
+
+POLICY: dict[str, Rule] = {
+    "prepare": Rule(lambda ws: _lock_outs(ws, "prepare"), True, "prepared data hashes"),
+    "tune": Rule(lambda ws: json.loads((ws / stages(ws)["tune"].paths["best_config"]).read_text())["hyperparameters"],
+                 False, "best hyperparameters", note=lambda new, old: f"; the recorded {old} are used"),
+    "train": Rule(lambda ws: _without_timings(list(csv.DictReader(io.StringIO(_output(ws, "train", "history.csv"))))),
+                  True, "per-epoch metrics"),
+    "compress": Rule(lambda ws: json.loads(_output(ws, "compress", "variants.json")), True, "per-variant accuracies",
+                     compared=lambda table: {row["variant"]: row["val_accuracy"] for row in table["variants"]},
+                     note=lambda new, old: "; the same deployable variant" if new["selected_variant"] ==
+                     old["selected_variant"] else f"; deployable {new['selected_variant']} by its timing, recorded "
+                     f"{old['selected_variant']} (used)"),
+    "evaluate": Rule(lambda ws: _without_timings(json.loads(_output(ws, "evaluate", "models.json"))), True,
+                     "test metrics of both models"),
+}
+
+
+def check(stage: str, new: Any, recorded: Any) -> StageCheck:
+    """`stage`'s new result against the recorded one, by POLICY."""
+    rule = POLICY[stage]
+    same = rule.compared(new) == rule.compared(recorded)
+    return StageCheck(stage, same, rule.required,
+                      f"{rule.what} {'identical' if same else 'differ'}{rule.note(new, recorded)}")
+
+
+def lineage_of(model_uri: str, client: MlflowClient) -> Lineage:
+    """The experiment a registered version (`models:/NAME/VERSION` or `models:/NAME@ALIAS`) was recorded with."""
+    found = re.fullmatch(r"models:/([^/@]+)(?:/(\d+)|@([\w-]+))", model_uri)
+    if not found:
+        raise InputError(f"{model_uri}: expected models:/NAME/VERSION or models:/NAME@ALIAS")
+    name, number, alias = found.groups()
+    try:
+        version = (client.get_model_version(name, number) if number
+                   else client.get_model_version_by_alias(name, alias))
+    except MlflowException as exc:
+        raise InputError(f"{model_uri}: not in the registry at {client.tracking_uri}: {exc.message}") from None
+    missing = [tag for tag in EXPERIMENT_TAGS if not version.tags.get(tag)]
+    if missing:
+        raise InputError(f"{model_uri} (v{version.version}) has no {', '.join(missing)}: it was not registered by a "
+                         f"flow run, so no DVC experiment records it (its commit: "
+                         f"{version.tags.get('kiln.git_commit', 'unknown')})")
+    tags = version.tags
+    return Lineage(name, str(version.version), tags["kiln.git_remote"], tags["kiln.experiment_ref"],
+                   tags["kiln.experiment_commit"])
+
+
+def checkout(lineage: Lineage, workspace: Path) -> None:
+    """Clone the experiment's commit into `workspace` and get its recorded data and outputs."""
+    try:
+        run(["git", "clone", "--quiet", "--no-checkout", lineage.remote, str(workspace)])
+        run(["git", "fetch", "--quiet", "origin", f"{lineage.ref}:{lineage.ref}"], cwd=workspace)
+        run(["git", "checkout", "--quiet", "--detach", lineage.commit], cwd=workspace)
+    except CommandError as exc:
+        raise InputError(f"v{lineage.version}'s experiment {lineage.ref} ({lineage.commit[:10]}) cannot be fetched "
+                         f"from {lineage.remote}: {exc}") from None
+    if remote := os.environ.get("KILN_DVC_REMOTE"):
+        run(["dvc", "remote", "add", "--local", "--force", "--default", "team", remote], cwd=workspace)
+        get = ["dvc", "pull"]
+    elif (Path(lineage.remote) / ".dvc").is_dir():
+        run(["dvc", "cache", "dir", "--local", run(["dvc", "cache", "dir"], cwd=lineage.remote).strip()], cwd=workspace)
+        get = ["dvc", "checkout"]
+    else:
+        raise InputError(f"{lineage.remote} is not a local checkout; set KILN_DVC_REMOTE to the DVC remote holding "
+                         f"v{lineage.version}'s data")
+    try:
+        run(get, cwd=workspace)
+    except CommandError as exc:
+        raise InputError(f"v{lineage.version}'s recorded data is missing from the DVC "
+                         f"{'remote ' + remote if remote else 'cache'}: {exc}") from None
+
+
+def restore(workspace: Path, lineage: Lineage, stage: str) -> None:
+    """Put the recorded outputs of `stage` back: dvc.lock and the reports git keeps from the commit, the cached
+    outputs from DVC."""
+    declared = [str(path) for path in stages(workspace)[stage].outs]
+    kept = run(["git", "ls-tree", "--name-only", lineage.commit, *declared], cwd=workspace).split()
+    run(["git", "checkout", lineage.commit, "--", "dvc.lock", *kept], cwd=workspace)
+    run(["dvc", "checkout", "--force", stage], cwd=workspace)
+
+
+def reproduce(lineage: Lineage, workspace: Path, echo: Callable[[str], None]) -> list[StageCheck]:
+    """Re-run every stage of the recorded experiment in `workspace`, checking each against POLICY, then restoring the
+    recorded outputs for the next stage."""
+    checkout(lineage, workspace)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'reproduce-mlflow.db'}"}
+    checks = []
+    for stage in stages(workspace):
+        command = ["dvc", "repro", "--force", "--single-item", stage]
+        code, _ = stream(command, echo, cwd=workspace, env=env)
+        if code:
+            raise CommandError(f"`{' '.join(command)}` exited {code} in {workspace}")
+        new = POLICY[stage].read(workspace)
+        restore(workspace, lineage, stage)
+        checks.append(check(stage, new, POLICY[stage].read(workspace)))
+        echo(f"reproduce: {stage}: {checks[-1].detail}")
+    return checks

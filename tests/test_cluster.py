@@ -1,0 +1,124 @@
+"""The cluster path end to end, on the session's real service stack (Postgres, SeaweedFS S3, MLflow and Prefect
+servers, a Prefect worker, two Ray nodes): `prefect deployment run 'kiln/cluster'` through a worker whose working
+directory is not a repository; the run clones the team's repository, pulls its data from the S3 remote, records a DVC
+experiment and pushes it back; another machine (a fresh clone) gets the exact models, predicts with the champion
+through the MLflow server, and rebuilds the registered version from its lineage."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import boto3
+import numpy as np
+import psycopg
+import pytest
+import yaml
+from mlflow import MlflowClient
+from sklearn.datasets import load_digits
+
+from tests.conftest import BIN, TINY_PARAMS, copy_repo, repo_env, run
+
+pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(2400)]
+EPOCHS = 3
+
+
+def sh(command: str, cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
+    result = subprocess.run(shlex.split(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{command}\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
+    return result.stdout
+
+
+def bucket_keys(env: dict[str, str], uri: str) -> list[str]:
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def pg_count(env: dict[str, str], database: str, query: str) -> int:
+    with psycopg.connect(f"{env['KILN_POSTGRES_URL']}/{database}") as connection:
+        return connection.execute(query).fetchone()[0]
+
+
+@pytest.fixture(scope="module")
+def deployed_run(stack, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The team's repository (a bare git repo whose raw data is in the S3 remote), the `cluster` deployment, and one
+    flow run of it on tiny params with a train.epochs override, watched to its end."""
+    root = tmp_path_factory.mktemp("team")
+    env = {**repo_env(), **stack.env, "KILN_GIT_URL": f"file://{root / 'kiln.git'}"}
+    source = copy_repo(root / "source", TINY_PARAMS)
+    sh(f"git clone --quiet --bare {source} {root / 'kiln.git'}", root, env)
+    sh(f"dvc remote add --local --default team {env['KILN_DVC_REMOTE']}", source, env)
+    sh("dvc push data/raw/fashion-mnist.dvc", source, env)  # what a team does once with its raw data
+    sh("prefect --no-prompt deploy --name cluster", source, env)
+    watched = subprocess.run(
+        [str(BIN / "prefect"), "deployment", "run", "kiln/cluster", "--param",
+         f"overrides={json.dumps({'train.epochs': EPOCHS})}", "--watch", "--watch-timeout", "1800"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=1900)
+    worker_log = (stack.root / "logs" / "prefect-worker.log")
+    assert "Completed" in watched.stdout, (watched.stdout[-4000:] + watched.stderr[-4000:]
+                                           + (worker_log.read_text()[-12000:] if worker_log.is_file() else ""))
+    refs = sh(f"git ls-remote {root / 'kiln.git'} 'refs/exps/*'", root, env).split()
+    assert len(refs) == 2, f"one experiment pushed back to the repository: {refs}"
+    return {"root": root, "env": env, "commit": refs[0], "ref": refs[1], "name": refs[1].rsplit("/", 1)[-1],
+            "client": MlflowClient(stack.env["MLFLOW_TRACKING_URI"])}
+
+
+def test_the_run_records_an_experiment_in_git(deployed_run: dict) -> None:
+    root, env, commit = deployed_run["root"], deployed_run["env"], deployed_run["commit"]
+    params = yaml.safe_load(sh(f"git --git-dir {root / 'kiln.git'} show {commit}:params.yaml", root, env))
+    assert params["train"]["epochs"] == EPOCHS
+    assert params["train"]["storage_path"] == env["KILN_STORAGE_PATH"]
+    lock = yaml.safe_load(sh(f"git --git-dir {root / 'kiln.git'} show {commit}:dvc.lock", root, env))
+    assert {"prepare", "tune", "train", "compress", "evaluate"} <= set(lock["stages"])
+
+
+def test_every_engine_holds_its_part(deployed_run: dict, stack) -> None:
+    client, env = deployed_run["client"], stack.env
+    experiment = client.get_experiment_by_name(TINY_PARAMS["tracking"]["experiment"]).experiment_id
+    runs = {run.data.tags["kiln.stage"]: run for run in client.search_runs([experiment], max_results=200)}
+    assert runs["tune"].data.metrics["nodes"] == 2, "tune trials ran on both Ray nodes"
+    assert runs["train"].data.metrics["worker_nodes"] == 2, "the two Ray Train workers ran on both nodes"
+    assert pg_count(env, "mlflow", "select count(*) from runs") >= len(runs)
+    assert pg_count(env, "mlflow", "select count(*) from registered_models where name = 'kiln'") == 1
+    assert any(key.endswith("model.onnx") for key in bucket_keys(env, env["KILN_MLFLOW_ARTIFACTS"]))
+    checkpoints = bucket_keys(env, env["KILN_STORAGE_PATH"])
+    assert any("/train-" in key and "/checkpoint_" in key for key in checkpoints), "Ray Train checkpoints in S3"
+    assert any("/tune-" in key for key in checkpoints), "the Ray Tune experiment in S3"
+    version = client.get_model_version_by_alias("kiln", "champion")
+    assert version.tags["kiln.experiment_ref"] == deployed_run["ref"]
+    assert version.tags["kiln.experiment_commit"] == deployed_run["commit"]
+
+
+def test_another_machine_gets_the_exact_models_and_predicts(deployed_run: dict, tmp_path: Path) -> None:
+    root, env, name = deployed_run["root"], deployed_run["env"], deployed_run["name"]
+    clone = tmp_path / "elsewhere"
+    sh(f"git clone --quiet {root / 'kiln.git'} {clone}", tmp_path, env)
+    sh(f"dvc remote add --local --default team {env['KILN_DVC_REMOTE']}", clone, env)
+    sh(f"dvc exp pull origin {name}", clone, env)
+    sh(f"dvc exp apply {name}", clone, env)
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())
+    recorded = next(out["md5"] for out in lock["stages"]["compress"]["outs"] if out["path"] == "models/deployable.onnx")
+    assert json.loads(sh("dvc status --cloud --json", clone, env)) == {}, "in sync with the remote"
+    assert run(["md5sum", str(clone / "models/deployable.onnx")], cwd=clone).stdout.split()[0] == recorded
+
+    digits = load_digits()
+    np.save(tmp_path / "batch.npy", (digits.images[:8] * 255 / 16).round().astype(np.uint8)[:, None])
+    keyless = {key: value for key, value in env.items() if not key.startswith("AWS_")}  # artifacts via the server
+    sh(f"{BIN / 'kiln'} predict {tmp_path / 'batch.npy'} --output {tmp_path / 'out.csv'} "
+       "--model-uri models:/kiln@champion", clone, keyless)
+    rows = (tmp_path / "out.csv").read_text().splitlines()
+    assert rows[0] == "item,predicted,confidence" and len(rows) == 9
+
+
+def test_the_registered_version_rebuilds_from_its_lineage(deployed_run: dict, tmp_path: Path) -> None:
+    env = deployed_run["env"]
+    output = sh(f"{BIN / 'kiln'} reproduce models:/kiln@champion --workdir {tmp_path / 'rebuild'}", tmp_path, env,
+                timeout=1800)
+    verdicts = {line.split()[0]: line.split()[1] for line in output.splitlines() if line.startswith("  ")}
+    assert verdicts == {"prepare": "identical", "tune": verdicts["tune"], "train": "identical",
+                        "compress": "identical", "evaluate": "identical"}, output[-4000:]
