@@ -24,7 +24,7 @@ import typer
 from torch import nn
 
 from benchmarks.compress import spread
-from benchmarks.report import write_results, write_section
+from benchmarks.report import machine, write_results, write_section
 from kiln.compress.onnx_export import export_onnx, quantize_int8
 from kiln.core.contract import stage_path
 from kiln.core.inference import onnx_logits, torch_logits
@@ -91,7 +91,7 @@ def main(prepared: Path | None = None, rounds: int = 5, repeats: int = 30) -> No
                          "batch64_p50_ms": {engine: spread(values) for engine, values in p50.items()}, **ratios}
         print(f"bench: {name}: train {speed:.0f} img/s, int8 {ratios['int8_vs_ort_fp32']['median']:.2f}x ORT fp32, "
               f"{ratios['int8_vs_torch_fp32']['median']:.2f}x torch eager", flush=True)
-    write_results("int8_architectures", results)
+    write_results("int8_architectures", {"machine": machine(), "architectures": results})
     stock = results["compact (stock)"]["train_images_per_second"]
     rows = [(name, f"{r['parameters']:,}",
              f"{r['train_images_per_second']:.0f} ({r['train_images_per_second'] / stock:.2f}x)",
@@ -101,7 +101,7 @@ def main(prepared: Path | None = None, rounds: int = 5, repeats: int = 30) -> No
     best_eager = max(r["int8_vs_torch_fp32"]["median"] for r in results.values())
     write_section("int8_architectures", "python -m benchmarks.int8_architectures",
                   f"Untrained models on 1x28x28 inputs; bare-loop training images/s (batch 128); batch-64 p50 latency, "
-                  f"median of {rounds} interleaved rounds of {repeats} calls",
+                  f"median of {rounds} interleaved rounds of {repeats} calls; {machine()}",
                   ("architecture", "params", "train img/s (vs stock)", "torch eager ms", "ORT fp32 ms", "ORT int8 ms",
                    "int8 vs ORT fp32", "int8 vs torch eager"), rows,
                   f"int8 gains on ORT fp32 only where convs are wide, which costs training speed; no candidate comes "

@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import os
+import platform
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import onnxruntime as ort
+import torch
 
 from kiln.core.files import atomic_path, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile", "amx_int8")  # what ORT's kernels pick from
+
+
+def machine() -> str:
+    """The CPU model, core count and the vector/matrix extensions that decide which kernels ONNX Runtime and torch
+    use (int8 pays very differently with and without VNNI/AMX)."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.processor() or platform.machine())
+    flags = next((set(line.split(":", 1)[1].split()) for line in info.splitlines() if line.startswith("flags")), set())
+    present = [flag for flag in CPU_FLAGS if flag in flags]
+    return (f"{os.cpu_count()} CPU cores, {model}, flags: {' '.join(present) or 'none of ' + ', '.join(CPU_FLAGS)}; "
+            f"torch {torch.__version__}, onnxruntime {ort.__version__}")
 
 
 def write_results(name: str, results: dict[str, Any]) -> None:

@@ -35,7 +35,7 @@ from kiln.core.contract import stage_path
 from kiln.core.models import build_model, load_trained_model, model_spec
 from kiln.core.params import Params, apply_overrides, read_raw_params, validate_params
 from kiln.core.prepared import load_split, read_manifest
-from kiln.train.distributed import fit
+from kiln.train.distributed import fit, train_worker
 from kiln.train.loop import VAL_BATCH, train_epoch, validate
 from kiln.train.recipe import make_loader, make_optimizer, make_recipe, make_scheduler, seed_everything
 
@@ -62,8 +62,8 @@ def ray_images_per_second(data: ray.ObjectRef, spec: dict[str, Any], params: Par
     """Ray Train (DDP) on `workers` workers: the last epoch's images/s over all workers, timed inside the loop."""
     config = {"data": data, "spec": spec, "recipe": make_recipe(params.train, params.prepare.dataset),
               "batch_size": params.train.batch_size, "epochs": epochs, "seed": 0, "early_stopping": {"patience": 0}}
-    state = fit(config, workers, cpus_per_worker, False, str(storage), f"bench-{workers}x{cpus_per_worker}-"
-                f"{time.time_ns()}", max_failures=0)
+    name = f"bench-{workers}x{cpus_per_worker}-{time.time_ns()}"
+    state = fit(train_worker, config, workers, cpus_per_worker, False, str(storage), name, max_failures=0)
     return state["history"][-1]["images_per_second"]
 
 

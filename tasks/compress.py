@@ -3,7 +3,8 @@
 Writes, only if every step succeeds: model_fp32.onnx, model_int8.onnx and deployable.onnx into --onnx-dir, and into
 --reports metrics.json (numbers), variants.json and variants.md (the table), selection.json (the chosen variant and
 the rule) and tradeoff.png. MLflow: a run `compress` with the reports and a nested run per variant whose metrics have
-the same keys for every variant, so MLflow's compare view lines them up. The variants: kiln.compress.variants.
+the same keys for every variant, so MLflow's compare view lines them up (recovered variants also get their training
+curves there). The variants: kiln.compress.variants; their recovery training: kiln.compress.recovery (Ray Train).
 """
 
 from __future__ import annotations
@@ -15,26 +16,31 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+import ray
 
 from kiln.compress.plots import save_tradeoff
 from kiln.compress.select import Selection, select_deployable
 from kiln.compress.variants import (
     build_float_models,
-    check_supported,
+    calibration_images,
     export_variants,
     float_source,
     measure_variants,
+    recovered_variants,
     stage_metrics,
-    training_inputs,
     variants_markdown,
 )
+from kiln.core import ray_cluster
 from kiln.core.files import atomic_path, write_json
 from kiln.core.models import load_trained_model
 from kiln.core.params import Params
-from kiln.core.prepared import load_split, to_float
+from kiln.core.prepared import load_split, read_manifest, to_float
 from kiln.core.tracking import lineage_tags, use_experiment
+from kiln.train.recipe import dataset_augmentation
 
 ONNX_FILES = {"fp32": "model_fp32.onnx", "int8": "model_int8.onnx", "deployable": "deployable.onnx"}
+SELECTION_KEYS = ("val_accuracy", "accuracy_drop_points", "macs_reduction", "batched_p50_ms", "speedup_vs_fp32",
+                  "batch1_speedup_vs_fp32", "size_ratio_vs_fp32")
 REPORTS = {"metrics": "metrics.json", "variants": "variants.json", "table": "variants.md",
            "selection": "selection.json", "tradeoff": "tradeoff.png"}
 
@@ -43,58 +49,75 @@ def run(params: Params, model: Path, data: Path, onnx_dir: Path, reports: Path) 
     """Build, export and measure every variant, select the deployable one, write and log everything."""
     settings, batch = params.compress, params.latency.batch_size
     trained, saved = load_trained_model(str(model))
-    check_supported(settings.variants, saved["spec"]["name"])
-    calibration, loader = training_inputs(settings, *load_split(data, "train"))
+    x_train, y_train = load_split(data, "train")
     x_val, y_val = load_split(data, "val")
-    images = to_float(x_val)
-    floats = build_float_models(trained, settings, loader)
+    calibration, images = calibration_images(settings, x_train, y_train), to_float(x_val)
+    if recovered_variants(settings.variants):
+        ray_cluster.connect()
+        ray_cluster.require_cpus(settings.num_workers * settings.cpus_per_worker,
+                                 "compress.num_workers x compress.cpus_per_worker")
 
-    with tempfile.TemporaryDirectory(prefix="kiln-compress-") as tmp:
-        files = export_variants(floats, settings.variants, images[:2], calibration, Path(tmp))
-        rows, batched = measure_variants(files, floats, settings.variants, images, y_val, params.latency)
-        variant_rows = [row for row in rows if row["variant"] in settings.variants]
-        selection = select_deployable({row["variant"]: row["val_accuracy"] for row in variant_rows}, batched,
-                                      settings.max_accuracy_drop_points, settings.min_speedup)
-        metrics = stage_metrics(rows, selection.variant)
-        table = variants_markdown(rows, selection, batch)
-        chosen = next(row for row in rows if row["variant"] == selection.variant)
-        with ExitStack() as stack:  # every output moves into place when the block exits without error
-            onnx = {key: stack.enter_context(atomic_path(onnx_dir / name)) for key, name in ONNX_FILES.items()}
-            out = {key: stack.enter_context(atomic_path(reports / name)) for key, name in REPORTS.items()}
-            for key, variant in (("fp32", "fp32"), ("int8", "int8"), ("deployable", selection.variant)):
-                shutil.copyfile(files[variant], onnx[key])
-            write_json(out["metrics"], metrics)
-            write_json(out["variants"], {"selected_variant": selection.variant, "latency_batch_size": batch,
-                                         "variants": rows})
-            write_json(out["selection"], {"selected_variant": selection.variant, **selection.as_dict(),
-                                          **{key: chosen[key] for key in ("val_accuracy", "accuracy_drop_points",
-                                                                          "batched_p50_ms", "speedup_vs_fp32",
-                                                                          "size_ratio_vs_fp32")}})
-            out["table"].write_text(table)
-            save_tradeoff(variant_rows, selection.variant, batch, out["tradeoff"])
-            log_runs(params, data, variant_rows, selection, metrics, list(out.values()))
+    use_experiment(params.tracking.experiment)
+    tags = lineage_tags(params, data)
+    with mlflow.start_run(run_name="compress", tags={**tags, "kiln.stage": "compress"}) as parent:
+        runs = variant_runs(settings.variants, tags)
+        floats, _ = build_float_models(
+            trained, saved["spec"], settings, dataset_augmentation(params.train, read_manifest(data)["dataset"]),
+            {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val},
+            ray_cluster.storage_uri(params.train.storage_path), f"compress-{parent.info.run_id}",
+            mlflow.get_tracking_uri(), runs)
+        ray.shutdown()  # Ray's idle processes would share the CPUs with the latency rounds below
+        with tempfile.TemporaryDirectory(prefix="kiln-compress-") as tmp:
+            files = export_variants(floats, settings.variants, images[:2], calibration, Path(tmp))
+            rows, batched = measure_variants(files, floats, settings.variants, images, y_val, params.latency)
+            variant_rows = [row for row in rows if row["variant"] in settings.variants]
+            selection = select_deployable({row["variant"]: row["val_accuracy"] for row in variant_rows}, batched,
+                                          settings.max_accuracy_drop_points, settings.min_speedup)
+            metrics = stage_metrics(rows, selection.variant)
+            table = variants_markdown(rows, selection, batch)
+            chosen = next(row for row in rows if row["variant"] == selection.variant)
+            with ExitStack() as stack:  # every output moves into place when the block exits without error
+                onnx = {key: stack.enter_context(atomic_path(onnx_dir / name)) for key, name in ONNX_FILES.items()}
+                out = {key: stack.enter_context(atomic_path(reports / name)) for key, name in REPORTS.items()}
+                for key, variant in (("fp32", "fp32"), ("int8", "int8"), ("deployable", selection.variant)):
+                    shutil.copyfile(files[variant], onnx[key])
+                write_json(out["metrics"], metrics)
+                write_json(out["variants"], {"selected_variant": selection.variant, "latency_batch_size": batch,
+                                             "variants": rows, "batched_rounds_ms": {
+                                                 name: list(timing.rounds_ms) for name, timing in batched.items()}})
+                write_json(out["selection"], {"selected_variant": selection.variant, **selection.as_dict(),
+                                              **{key: chosen[key] for key in SELECTION_KEYS}})
+                out["table"].write_text(table)
+                save_tradeoff(variant_rows, selection.variant, batch, out["tradeoff"])
+                log_results(params, variant_rows, runs, selection, metrics, list(out.values()))
 
     print(table, end="")
     print(f"compress: deployable {selection.variant} -> {onnx_dir / ONNX_FILES['deployable']} (val acc "
-          f"{chosen['val_accuracy']:.4f}, {chosen['speedup_vs_fp32']:.2f}x fp32's batch-{batch} speed, "
-          f"{chosen['size_ratio_vs_fp32']:.2f}x smaller)")
+          f"{chosen['val_accuracy']:.4f}, {chosen['macs_reduction']:.2f}x fewer MACs, {chosen['speedup_vs_fp32']:.2f}x "
+          f"fp32's batch-{batch} speed, {chosen['size_ratio_vs_fp32']:.2f}x smaller)")
     return metrics
 
 
-def log_runs(params: Params, data: Path, rows: list[dict[str, Any]], selection: Selection,
-             metrics: dict[str, float], reports: list[Path]) -> None:
-    """The `compress` MLflow run (params, metrics, report files) and a nested run per variant with its row's numbers."""
-    use_experiment(params.tracking.experiment)
-    tags = lineage_tags(params, data)
-    with mlflow.start_run(run_name="compress", tags={**tags, "kiln.stage": "compress",
-                                                     "kiln.deployable_variant": selection.variant}):
-        mlflow.log_params({**params.compress.model_dump(), **params.latency.model_dump()})
-        mlflow.log_metrics(metrics)
-        for report in reports:
-            mlflow.log_artifact(str(report))
-        for row in rows:
-            variant = row["variant"]
-            with mlflow.start_run(run_name=variant, nested=True, tags={**tags, "kiln.stage": "compress-variant",
-                                                                       "kiln.variant": variant}):
-                mlflow.log_params({"variant": variant, "float_source": float_source(variant)})
-                mlflow.log_metrics({key: float(value) for key, value in row.items() if key != "variant"})
+def variant_runs(variants: list[str], tags: dict[str, str]) -> dict[str, str]:
+    """A nested MLflow run per variant under the active `compress` run (recovery training logs its curves there);
+    returns their ids by variant."""
+    runs = {}
+    for variant in variants:
+        with mlflow.start_run(run_name=variant, nested=True, tags={**tags, "kiln.stage": "compress-variant",
+                                                                   "kiln.variant": variant}) as child:
+            mlflow.log_params({"variant": variant, "float_source": float_source(variant)})
+            runs[variant] = child.info.run_id
+    return runs
+
+
+def log_results(params: Params, rows: list[dict[str, Any]], runs: dict[str, str], selection: Selection,
+                metrics: dict[str, float], reports: list[Path]) -> None:
+    """The active `compress` run's params, metrics, reports and decision, and each variant's row in its own run."""
+    mlflow.set_tag("kiln.deployable_variant", selection.variant)
+    mlflow.log_params({**params.compress.model_dump(), **params.latency.model_dump()})
+    mlflow.log_metrics(metrics)
+    for report in reports:
+        mlflow.log_artifact(str(report))
+    for row in rows:
+        with mlflow.start_run(run_id=runs[row["variant"]], nested=True):
+            mlflow.log_metrics({key: float(value) for key, value in row.items() if key != "variant"})

@@ -58,7 +58,8 @@ def headlines(root: Path = Path(".")) -> dict[str, str]:
     selection = _json(root / contract["compress"].output("selection.json")) if "compress" in contract else {}
     if selection:
         chosen = selection["selected_variant"]
-        lines["compress"] = (f"deployable {chosen}: {selection['speedup_vs_fp32']:.2f}x fp32's speed, "
+        lines["compress"] = (f"deployable {chosen}: {selection['macs_reduction']:.2f}x fewer MACs, "
+                             f"{selection['speedup_vs_fp32']:.2f}x fp32's speed, "
                              f"{selection['accuracy_drop_points']:+.2f} points of val accuracy lost"
                              if chosen != "fp32" else "deployable fp32: no variant beat it beyond the timing noise "
                              "within the accuracy budget")

@@ -17,7 +17,7 @@ from kiln.core.models import build_model, initial_state, model_spec, save_traine
 from kiln.core.params import Params
 from kiln.core.prepared import load_split, read_manifest
 from kiln.core.tracking import lineage_tags, use_experiment
-from kiln.train.distributed import fit
+from kiln.train.distributed import fit, train_worker
 from kiln.train.plots import save_learning_curves
 from kiln.train.recipe import make_recipe, tuned_hyperparameters
 
@@ -52,7 +52,7 @@ def run(params: Params, data: Path, best_config: Path, model: Path, reports: Pat
             "early_stopping": settings.early_stopping.model_dump() | {"mode": MODES[settings.early_stopping.metric]},
             "tracking_uri": mlflow.get_tracking_uri(), "mlflow_run_id": run.info.run_id,
         }
-        state = fit(config, settings.num_workers, settings.cpus_per_worker, settings.use_gpu,
+        state = fit(train_worker, config, settings.num_workers, settings.cpus_per_worker, settings.use_gpu,
                     ray_cluster.storage_uri(settings.storage_path), f"train-{run.info.run_id}", settings.max_failures)
         history = state["history"]
         keep_best = settings.early_stopping.patience > 0

@@ -45,12 +45,11 @@ TINY_PARAMS = {
         "amp": "none", "channels_last": False, "storage_path": "ray_results", "use_tuned": True, "seed": 0,
     },
     "compress": {
-        "variants": ["fp32", "int8", "pruned", "pruned_int8", "channel_pruned", "channel_pruned_int8", "distilled",
-                     "distilled_int8"],
-        "calibration_samples": 128, "sparsity": 0.5,
-        "channel_keep": 0.5, "student_width": 0.5, "distill_temperature": 2.0, "distill_alpha": 0.7,
-        "distill_epochs": 10, "distill_lr": 0.02, "finetune_epochs": 2, "finetune_lr": 0.01, "finetune_samples": 1200,
-        "finetune_batch_size": 32, "max_accuracy_drop_points": 2.0, "min_speedup": 1.1, "seed": 0,
+        "variants": ["fp32", "int8", "pruned_kd", "pruned_kd_int8", "distilled", "distilled_int8"],
+        "calibration_samples": 128, "target_macs_ratio": 0.5, "prune_rounds": 2, "recovery_epochs": 2,
+        "recovery_lr": 0.01, "student_epochs": 6, "student_lr": 0.05, "batch_size": 32, "distill_temperature": 2.0,
+        "distill_alpha": 0.7, "num_workers": 2, "cpus_per_worker": 1, "max_accuracy_drop_points": 2.0,
+        "min_speedup": 1.1, "seed": 0,
     },
     "evaluate": {"gate_metric": "test_accuracy", "gate_margin": 0.0, "gate_alpha": 0.05, "seed": 0},
 }

@@ -1,5 +1,5 @@
-"""The compress stage on real components: a LeNet trained on scikit-learn's digits, pruned, distilled, exported with
-torch's exporter and quantized and timed with ONNX Runtime."""
+"""The compress stage on real components: a LeNet trained on scikit-learn's digits, pruned with Torch-Pruning and
+distilled on a real Ray cluster, exported with torch's exporter and quantized and timed with ONNX Runtime."""
 
 from __future__ import annotations
 
@@ -20,17 +20,18 @@ import yaml
 from mlflow import MlflowClient
 from sklearn.datasets import load_digits
 from torch import nn
+from torch.nn.utils import prune
 
-from kiln.compress.distillation import distill
+from kiln.compress.distillation import distillation_loss
 from kiln.compress.onnx_export import CHANNEL_MULTIPLE, export_onnx, quantize_int8
-from kiln.compress.pruning import channel_prune, count_parameters, magnitude_prune, sparsity
+from kiln.compress.pruning import count_macs, count_parameters, prune_to_macs, resized, round_targets, thinned
 from kiln.compress.select import select_deployable, within_accuracy
 from kiln.core.contract import stages
 from kiln.core.files import write_json
 from kiln.core.inference import onnx_logits, predict_onnx, session_options
 from kiln.core.latency import Timing, batch_of, interleaved
 from kiln.core.models import build_model, load_trained_model, save_trained_model
-from kiln.core.params import COMPRESS_VARIANTS, LatencyParams, ParamsError, validate_params
+from kiln.core.params import LatencyParams, ParamsError, validate_params
 from kiln.core.prepared import (
     MANIFEST,
     SPLITS,
@@ -38,10 +39,8 @@ from kiln.core.prepared import (
     read_manifest,
     save_split,
     split_file,
-    stratified_head,
     to_float,
 )
-from kiln.train.recipe import make_loader, seed_everything
 from tasks import compress
 from tests.conftest import TINY_PARAMS, train_lenet
 
@@ -96,23 +95,16 @@ def fp32_onnx(model_path: Path, val: tuple[np.ndarray, np.ndarray], tmp_path_fac
     return path
 
 
-@pytest.fixture(scope="module")
-def loader(prepared: Path) -> torch.utils.data.DataLoader:
-    """The fine-tune loader the stage builds: a stratified subset of the training split."""
-    x_train, y_train = load_split(prepared, "train")
-    subset = stratified_head(y_train, PARAMS.finetune_samples, 0)
-    return make_loader(x_train[subset], y_train[subset], PARAMS.finetune_batch_size, shuffle=True, seed=0)
-
-
 def accuracy(model: nn.Module, val: tuple[np.ndarray, np.ndarray]) -> float:
     with torch.no_grad():
         return float((model(torch.from_numpy(val[0])).argmax(1).numpy() == val[1]).mean())
 
 
 @pytest.fixture(scope="module")
-def stage(prepared: Path, model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    """One compress() run from its output root (models/, reports/, MLflow's mlflow.db and mlartifacts/): the root and
-    the returned metrics."""
+def stage(prepared: Path, model_path: Path, tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> tuple[Path,
+                                                                                                                   dict]:
+    """One compress() run from its output root (models/, reports/, MLflow's mlflow.db and mlartifacts/), its recovery
+    training on the session's two-node Ray cluster: the root and the returned metrics."""
     root = tmp_path_factory.mktemp("stage")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
@@ -189,41 +181,63 @@ def test_export_writes_global_average_pooling(tmp_path: Path) -> None:
                                    atol=1e-4)
 
 
-def test_magnitude_pruning_reaches_sparsity_and_keeps_accuracy(
-    model_path: Path, loader: torch.utils.data.DataLoader, val: tuple[np.ndarray, np.ndarray]
-) -> None:
-    model, _ = load_trained_model(str(model_path))
-    seed_everything(0)
-    pruned = magnitude_prune(model, 0.7, loader, PARAMS.finetune_epochs, PARAMS.finetune_lr)
-    assert sparsity(pruned) == pytest.approx(0.7, abs=0.005) and sparsity(model) < 0.01  # the original is untouched
-    assert not any(name.endswith(("_orig", "_mask")) for name in pruned.state_dict())  # made permanent
-    assert accuracy(pruned, val) >= accuracy(model, val) - 0.03
+@pytest.mark.parametrize("name", ["lenet", "compact", "resnet",
+                                  pytest.param("torchvision:mobilenet_v3_small", marks=pytest.mark.slow)])
+def test_pruning_reaches_the_macs_target_on_every_kind_of_zoo_model(name: str, tmp_path: Path) -> None:
+    """Plain CNNs, residual adds with batch norm, depthwise convs and squeeze-excitation: iterative pruning reaches the
+    target without overshooting it by much, the pruned network still classifies every class, is smaller as ONNX, and
+    a fresh full-width model resized to its state gives the same outputs."""
+    torch.manual_seed(0)
+    spec = dict(name=name, in_channels=1, num_classes=10, image_size=28, mean=[0.5], std=[0.25])
+    model, example = build_model(**spec).eval(), torch.rand(4, 1, 28, 28)
+    full = count_macs(model, example[:1])
+    pruned = build_model(**spec).eval()
+    pruned.load_state_dict(model.state_dict())
+    for target in round_targets(full, 0.5, 2):
+        macs = prune_to_macs(pruned, example[:1], target)
+    assert 0.3 * full <= macs <= 0.5 * full and count_parameters(pruned) < count_parameters(model)
+    assert output_width(pruned) == 10 and count_macs(model, example[:1]) == full  # the original is untouched
+    rebuilt = resized(build_model(**spec), pruned.state_dict()).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(example), pruned(example))
+    export_onnx(model, example[:2], tmp_path / "full.onnx")
+    export_onnx(pruned, example[:2], tmp_path / "pruned.onnx")
+    assert (tmp_path / "pruned.onnx").stat().st_size < 0.75 * (tmp_path / "full.onnx").stat().st_size
 
 
-def test_channel_pruning_builds_a_smaller_network(
-    model_path: Path, loader: torch.utils.data.DataLoader, val: tuple[np.ndarray, np.ndarray], fp32_onnx: Path,
-    tmp_path: Path,
-) -> None:
-    model, _ = load_trained_model(str(model_path))
-    seed_everything(0)
-    small = channel_prune(model, 0.5, loader, PARAMS.finetune_epochs, PARAMS.finetune_lr)
-    assert [small[1].features[i].out_channels for i in (0, 3)] == [3, 8]
-    assert small[1].classifier[1].in_features == 8 * 2 * 2
-    assert count_parameters(small) < 0.8 * count_parameters(model)  # on 8x8 digits the fc layers dominate
-    export_onnx(small, torch.from_numpy(val[0][:2]), tmp_path / "small.onnx")
-    assert (tmp_path / "small.onnx").stat().st_size < 0.85 * fp32_onnx.stat().st_size
-    assert (predict_onnx(tmp_path / "small.onnx", val[0]).argmax(1) == val[1]).mean() >= accuracy(model, val) - 0.05
+def output_width(model: nn.Module) -> int:
+    return [module for module in model.modules() if isinstance(module, nn.Linear)][-1].out_features
 
 
-def test_distilled_student_is_smaller_and_close_to_the_teacher(
-    model_path: Path, loader: torch.utils.data.DataLoader, val: tuple[np.ndarray, np.ndarray]
-) -> None:
+def test_pruning_to_an_impossible_target_names_it() -> None:
+    model = build_model("lenet", 1, 10, 8, [0.5], [0.25]).eval()
+    with pytest.raises(ValueError, match="cannot prune below"):
+        prune_to_macs(model, torch.rand(1, 1, 8, 8), 10)
+
+
+def test_a_student_is_thinner_and_freshly_initialised(model_path: Path, val: tuple[np.ndarray, np.ndarray]) -> None:
     teacher, _ = load_trained_model(str(model_path))
-    seed_everything(0)
-    student = distill(teacher, 0.5, loader, PARAMS.distill_epochs, PARAMS.distill_lr,
-                      PARAMS.distill_temperature, PARAMS.distill_alpha)
-    assert count_parameters(student) < 0.35 * count_parameters(teacher)
-    assert accuracy(student, val) >= accuracy(teacher, val) - 0.06
+    example = torch.from_numpy(val[0][:1])
+    torch.manual_seed(0)
+    student = thinned(teacher, example, 0.5 * count_macs(teacher, example))
+    torch.manual_seed(0)
+    twin = thinned(teacher, example, 0.5 * count_macs(teacher, example))
+    assert count_macs(student, example) <= 0.5 * count_macs(teacher, example)
+    assert accuracy(student, val) < 0.3 < 0.8 < accuracy(teacher, val), "a student starts from scratch"
+    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), twin.state_dict().values(),
+                                                 strict=True)), "seeded: distilled and its control start alike"
+
+
+def test_distillation_loss_is_zero_only_for_the_teachers_own_logits(model_path: Path) -> None:
+    teacher, _ = load_trained_model(str(model_path))
+    images, labels = torch.rand(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    loss = distillation_loss(teacher, temperature=4.0, alpha=1.0)
+    with torch.no_grad():
+        logits = teacher(images)
+    assert loss(logits, images, labels).item() == pytest.approx(0.0, abs=1e-5)
+    assert loss(torch.zeros_like(logits), images, labels).item() > 0.01
+    blended = distillation_loss(teacher, temperature=4.0, alpha=0.0)(logits, images, labels)
+    assert blended.item() == pytest.approx(nn.functional.cross_entropy(logits, labels).item(), rel=1e-5)
 
 
 def timing(*rounds_ms: float) -> Timing:
@@ -239,24 +253,31 @@ def test_selection_ships_the_fastest_variant_that_beats_fp32_beyond_the_noise() 
     assert select_deployable(accuracy, timings, 5.0, 1.1).variant == "pruned"
     assert select_deployable({"fp32": 0.9, "int8": 0.99}, {"fp32": timing(1.0), "int8": timing(2.0)}, 0.0,
                              1.0).variant == "fp32"
-    assert select_deployable(accuracy, timings, 1.0, 2.9 / 1.1).variant == "int8"  # slowest 1.1 vs fastest 2.9
-    assert select_deployable(accuracy, timings, 1.0, 2.7).variant == "fp32"  # not enough faster to ship
-    noisy = {"fp32": timing(1.3, 1.3, 1.05), "int8": timing(1.0, 1.0, 1.0)}  # 1.3x on medians, not beyond noise
-    selection = select_deployable({"fp32": 0.9, "int8": 0.9}, noisy, 1.0, 1.1)
-    assert selection.variant == "fp32" and selection.robustly_faster == [] and "slowest" in selection.rule
+    assert select_deployable(accuracy, timings, 1.0, 3.0).variant == "int8"  # median paired ratio 3.0/1.0
+    assert select_deployable(accuracy, timings, 1.0, 3.1).variant == "fp32"  # not enough faster to ship
+    spike = {"fp32": timing(1.3, 1.3, 1.3, 1.3), "int8": timing(1.0, 1.0, 1.0, 1.4)}  # one slow round is allowed
+    assert select_deployable({"fp32": 0.9, "int8": 0.9}, spike, 1.0, 1.1).variant == "int8"
+    spikes = {"fp32": timing(1.3, 1.3, 1.3, 1.3), "int8": timing(1.0, 1.0, 1.4, 1.4)}  # two are not
+    selection = select_deployable({"fp32": 0.9, "int8": 0.9}, spikes, 1.0, 1.1)
+    assert selection.variant == "fp32" and selection.robustly_faster == [] and "every" in selection.rule
+    biased = {"fp32": timing(1.3, 1.0, 1.3, 1.0), "int8": timing(1.0, 1.3, 1.0, 1.3)}  # whichever is timed first pays
+    assert select_deployable({"fp32": 0.9, "int8": 0.9}, biased, 1.0, 1.1).variant == "fp32"
+    paired = {"fp32": timing(1.3, 2.6, 1.3), "int8": timing(1.0, 2.0, 1.0)}  # a load change hits both in round 2
+    assert select_deployable({"fp32": 0.9, "int8": 0.9}, paired, 1.0, 1.1).variant == "int8"
 
 
 @pytest.mark.parametrize("order", [("fp32", "pruned"), ("pruned", "fp32")])
 def test_a_variant_with_identical_compute_never_ships(
-    order: tuple[str, str], model_path: Path, loader: torch.utils.data.DataLoader, val: tuple[np.ndarray, np.ndarray],
-    fp32_onnx: Path, tmp_path: Path,
+    order: tuple[str, str], model_path: Path, val: tuple[np.ndarray, np.ndarray], fp32_onnx: Path, tmp_path: Path,
 ) -> None:
-    """Unstructured sparsity leaves a dense ONNX graph doing the same work: however the variants are listed (and so
-    timed), the selection keeps fp32 at a real threshold."""
+    """Unstructured sparsity (half the weights zeroed) leaves a dense ONNX graph doing the same work: however the
+    variants are listed (and so timed), the selection keeps fp32 at a real threshold."""
     model, _ = load_trained_model(str(model_path))
-    seed_everything(0)
-    export_onnx(magnitude_prune(model, 0.5, loader, 0, PARAMS.finetune_lr), torch.from_numpy(val[0][:2]),
-                tmp_path / "pruned.onnx")
+    layers = [(layer, "weight") for layer in model.modules() if isinstance(layer, nn.Conv2d | nn.Linear)]
+    prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=0.5)
+    for layer, name in layers:
+        prune.remove(layer, name)
+    export_onnx(model, torch.from_numpy(val[0][:2]), tmp_path / "pruned.onnx")
     files = {"fp32": fp32_onnx, "pruned": tmp_path / "pruned.onnx"}
     protocol = LatencyParams(batch_size=64, rounds=7, calls=20, warmup_calls=10)
     timings = interleaved({name: onnx_logits(files[name]) for name in order}, batch_of(val[0], 64), protocol)
@@ -264,6 +285,7 @@ def test_a_variant_with_identical_compute_never_ships(
     assert selection.variant == "fp32", {name: timings[name].rounds_ms for name in order}
 
 
+@pytest.mark.slow  # the stage fixture trains on the session's Ray cluster
 def test_compress_writes_models_and_metrics(stage: tuple[Path, dict]) -> None:
     root, metrics = stage
     reports = root / "reports"
@@ -273,40 +295,45 @@ def test_compress_writes_models_and_metrics(stage: tuple[Path, dict]) -> None:
     assert all(isinstance(value, int | float) and math.isfinite(value) for value in metrics.values())
     assert len(metrics) <= 10, "headline numbers only: every variant's figures are in variants.json"
     rows = {row["variant"]: row for row in json.loads((reports / "variants.json").read_text())["variants"]}
-    assert set(rows) == {*COMPRESS_VARIANTS, "torch_fp32", "torch_channel_pruned"}
+    assert set(rows) == {*PARAMS.variants, "torch_fp32"}
     for row in rows.values():
-        assert {"val_accuracy", "batch1_p50_ms", "batched_p50_min_ms", "batched_p50_max_ms",
-                "batched_images_per_s", "onnx_bytes", "parameters", "sparsity"} <= set(row)
+        assert {"val_accuracy", "batch1_p50_ms", "batched_p50_min_ms", "batched_p50_max_ms", "batched_images_per_s",
+                "onnx_bytes", "parameters", "macs", "macs_reduction", "batch1_speedup_vs_fp32"} <= set(row)
         assert row["batched_p50_min_ms"] <= row["batched_p50_ms"] <= row["batched_p50_max_ms"]
     assert rows["fp32"]["val_accuracy"] == rows["torch_fp32"]["val_accuracy"] > 0.8
     assert abs(metrics["int8_accuracy_drop_points"]) <= 2 and metrics["int8_size_ratio"] > 2
     assert metrics["int8_speedup_vs_ort_fp32"] == pytest.approx(rows["int8"]["speedup_vs_fp32"])
-    assert rows["pruned"]["sparsity"] == pytest.approx(PARAMS.sparsity, abs=0.005)
-    assert rows["pruned"]["onnx_bytes"] == rows["fp32"]["onnx_bytes"], "unstructured sparsity shrinks nothing"
-    assert rows["channel_pruned"]["parameters"] < rows["fp32"]["parameters"]
-    assert rows["channel_pruned"]["onnx_bytes"] < rows["fp32"]["onnx_bytes"]
-    assert rows["distilled"]["parameters"] < rows["channel_pruned"]["parameters"]
+    for name in ("pruned_kd", "distilled"):  # smaller dense networks at the MACs target, recovered to near fp32
+        assert 1 / PARAMS.target_macs_ratio <= rows[name]["macs_reduction"] < 1.5 / PARAMS.target_macs_ratio
+        assert rows[name]["onnx_bytes"] < 0.8 * rows["fp32"]["onnx_bytes"]
+        assert rows[name]["parameters"] < rows["fp32"]["parameters"]
+        assert rows[name]["val_accuracy"] > 0.7
+        assert rows[f"{name}_int8"]["macs"] == rows[name]["macs"]
+    assert rows["pruned_kd"]["val_accuracy"] >= rows["fp32"]["val_accuracy"] - 0.03, "pruning keeps what it learned"
     assert (reports / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
-    assert all(f"| {variant} |" in (reports / "variants.md").read_text() for variant in COMPRESS_VARIANTS)
+    assert all(f"| {variant} |" in (reports / "variants.md").read_text() for variant in PARAMS.variants)
 
 
+@pytest.mark.slow  # the stage fixture trains on the session's Ray cluster
 def test_deployable_follows_the_rule_on_the_measured_rounds(stage: tuple[Path, dict]) -> None:
     root, _ = stage
     table = json.loads((root / "reports" / "variants.json").read_text())
     rows = {row["variant"]: row for row in table["variants"] if not row["variant"].startswith("torch_")}
     assert list(rows) == PARAMS.variants
-    baseline = rows["fp32"]
+    baseline, rounds = rows["fp32"], {name: np.array(ms) for name, ms in table["batched_rounds_ms"].items()}
     close = [name for name, row in rows.items() if (baseline["val_accuracy"] - row["val_accuracy"]) * 100 <= 2.0 + 1e-9]
-    faster = [name for name in close if name != "fp32" and
-              rows[name]["batched_p50_max_ms"] * PARAMS.min_speedup <= baseline["batched_p50_min_ms"]]
+    ratios = {name: rounds["fp32"] / rounds[name] for name in close}
+    faster = [name for name in close if name != "fp32" and (ratios[name] <= 1).sum() <= 1 and
+              np.median(ratios[name]) >= PARAMS.min_speedup]
     expected = min(faster, key=lambda name: rows[name]["batched_p50_ms"]) if faster else "fp32"
     selection = json.loads((root / "reports" / "selection.json").read_text())
     assert table["selected_variant"] == selection["selected_variant"] == selection["variant"] == expected
     assert (selection["within_accuracy"], selection["robustly_faster"]) == (close, faster)
     assert (root / "models" / "deployable.onnx").stat().st_size == rows[expected]["onnx_bytes"]
-    assert "slowest timing round" in (root / "reports" / "variants.md").read_text()
+    assert "in every interleaved timing round but at most one" in (root / "reports" / "variants.md").read_text()
 
 
+@pytest.mark.slow  # the stage fixture trains on the session's Ray cluster
 def test_compress_logs_a_run_with_a_child_per_variant(stage: tuple[Path, dict]) -> None:
     root, metrics = stage
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
@@ -323,17 +350,19 @@ def test_compress_logs_a_run_with_a_child_per_variant(stage: tuple[Path, dict]) 
     assert parent.data.tags["kiln.deployable_variant"] == json.loads((root / "reports/selection.json").read_text())[
         "selected_variant"]
     assert parent.data.metrics == pytest.approx(metrics)
-    assert parent.data.params["sparsity"] == str(PARAMS.sparsity)
+    assert parent.data.params["target_macs_ratio"] == str(PARAMS.target_macs_ratio)
     assert {item.path for item in client.list_artifacts(parent.info.run_id)} == {
         "metrics.json", "variants.json", "variants.md", "selection.json", "tradeoff.png"}
     rows = {row["variant"]: row for row in json.loads((root / "reports/variants.json").read_text())["variants"]}
-    assert {"torch_fp32", "torch_channel_pruned"} <= set(rows)  # torch eager in the table, not as variant runs
-    keys = {frozenset(run.data.metrics) for run in children.values()}  # the same keys for every variant
-    assert keys == {frozenset(rows["fp32"]) - {"variant"}}
-    assert {"val_accuracy", "onnx_bytes", "parameters", "sparsity", "batch1_p50_ms", "batched_p50_ms"} <= set(*keys)
-    for name, run in children.items():
-        assert run.data.metrics == pytest.approx({key: float(value) for key, value in rows[name].items()
-                                                  if key != "variant"})
+    assert "torch_fp32" in rows and "torch_fp32" not in children  # torch eager in the table, not as a variant run
+    for name, run in children.items():  # the same keys for every variant, so MLflow's compare view lines them up
+        measured = {key: value for key, value in run.data.metrics.items() if not key.startswith("recovery/")}
+        assert measured == pytest.approx({key: float(value) for key, value in rows[name].items() if key != "variant"})
+    epochs = PARAMS.prune_rounds * PARAMS.recovery_epochs
+    for name, count in (("pruned_kd", epochs), ("distilled", PARAMS.student_epochs)):  # recovery curves, per epoch
+        curve = client.get_metric_history(children[name].info.run_id, "recovery/val_accuracy")
+        assert [point.step for point in curve] == list(range(1, count + 1))
+    assert not any(key.startswith("recovery/") for key in children["fp32"].data.metrics)
 
 
 def snapshot(root: Path) -> dict[Path, bytes | bool]:
@@ -341,6 +370,7 @@ def snapshot(root: Path) -> dict[Path, bytes | bool]:
     return {path: path.is_file() and path.read_bytes() for path in root.rglob("*")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated model.pt", "model built for 16x16 images"])
 def test_failed_run_keeps_previous_outputs(
     damage: str, stage: tuple[Path, dict], prepared: Path, model_path: Path, tmp_path: Path
@@ -374,11 +404,10 @@ def test_cli_bad_params_exits_1_naming_the_key(tmp_path: Path) -> None:
     ("key", "value", "expected"),
     [
         ("variants", ["fp32", "int8", "prunned"], "compress.variants: unknown variants ['prunned']"),
-        ("variants", ["fp32", "pruned"], "compress.variants: must include ['int8']"),
-        ("sparsity", 1.0, "compress.sparsity: Input should be less than 1"),
-        ("sparsity", -0.1, "compress.sparsity: Input should be greater than or equal to 0"),
-        ("channel_keep", 0.0, "compress.channel_keep: Input should be greater than 0"),
-        ("channel_keep", 1.5, "compress.channel_keep: Input should be less than or equal to 1"),
+        ("variants", ["fp32", "pruned_kd"], "compress.variants: must include ['int8']"),
+        ("target_macs_ratio", 1.0, "compress.target_macs_ratio: Input should be less than 1"),
+        ("target_macs_ratio", 0.0, "compress.target_macs_ratio: Input should be greater than 0"),
+        ("prune_rounds", 0, "compress.prune_rounds: Input should be greater than or equal to 1"),
     ],
 )
 def test_bad_compress_params_name_the_key(key: str, value: object, expected: str) -> None:

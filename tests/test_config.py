@@ -100,10 +100,10 @@ def test_write_overrides_keeps_comments_and_refuses_bad_values(tmp_path: Path) -
     stock = path.read_text()
     write_overrides(path, {"train.epochs": STOCK["train"]["epochs"], "train.weights": None})
     assert path.read_text() == stock, "values that already match leave the file untouched"
-    write_overrides(path, {"train.epochs": 3, "compress.sparsity": 0.6})
+    write_overrides(path, {"train.epochs": 3, "compress.target_macs_ratio": 0.6})
     assert load_params(path).train.epochs == 3
     changed = [(a, b) for a, b in zip(stock.splitlines(), path.read_text().splitlines(), strict=True) if a != b]
-    assert [b.split("#")[0].strip() for _, b in changed] == ["epochs: 3", "sparsity: 0.6"], changed
+    assert [b.split("#")[0].strip() for _, b in changed] == ["epochs: 3", "target_macs_ratio: 0.6"], changed
     before = path.read_text()
     with pytest.raises(ParamsError, match="train.lr"):
         write_overrides(path, {"train.lr": -1})

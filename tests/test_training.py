@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 
-from kiln.compress.pruning import channel_prune, count_parameters
 from kiln.core.adversarial import fgsm, pgd
 from kiln.core.contract import stages
 from kiln.core.models import build_model, check_fits, load_weights
@@ -135,15 +134,6 @@ def test_adversarial_training_runs_and_reports_the_mixed_batch(trained: tuple) -
     model = copy.deepcopy(model)  # the fixture's model stays as trained
     stats = train_epoch(model, small, make_optimizer(model, recipe), recipe)
     assert stats.images == 256 and 0 < stats.accuracy < 1
-
-
-def test_channel_pruning_shrinks_the_cpu_cnn(trained: tuple) -> None:
-    model, loader = trained
-    small = channel_prune(model, 0.5, loader, epochs=1, lr=0.01)
-    assert small[1].widths == (8, 16, 32, 128), "convs halved, the hidden linear layer kept"
-    assert count_parameters(small) < 0.6 * count_parameters(model)
-    images, labels = next(iter(loader))
-    assert (small(images).argmax(1) == labels).float().mean() > 0.6
 
 
 def test_early_stopping_counts_epochs_without_gain() -> None:

@@ -1,92 +1,103 @@
-"""Pruning (plain PyTorch): global magnitude pruning of any model, and channel pruning of plain CNNs (lenet, compact),
-each followed by a short fine-tune through the one training loop. Models are `nn.Sequential(Normalize, net)` as
-`build_model` makes them."""
+"""Structured pruning with Torch-Pruning's dependency graph: whole channels leave every coupled layer (the next conv,
+batch norm, a residual add's other branch, the flattening linear), so the pruned model is a smaller dense network
+that runs faster anywhere. Works for every model of the zoo; MACs are counted by Torch-Pruning's counter alone.
+
+The same tool thins a model into a distillation student: uniformly pruned to a MACs target, then re-initialised.
+A pruned model's structure lives in its state_dict's shapes, so `resized` rebuilds it from a freshly built model and
+a plain tensor checkpoint (kiln's checkpoints load with `weights_only=True`).
+"""
 
 from __future__ import annotations
 
 import copy
 
 import torch
+import torch_pruning as tp
 from torch import nn
-from torch.nn.utils import prune
-from torch.utils.data import DataLoader
 
-from kiln.core.models import PLAIN_CNNS, PlainCNN
-from kiln.train.loop import Hooks, Loss, run_epochs
-from kiln.train.recipe import Recipe, make_optimizer
-
-FINETUNE_MOMENTUM = 0.9  # Nesterov SGD as in training; fine-tunes are short and unscheduled, so it is not tuned
-
-
-def _layers(model: nn.Module) -> list[nn.Conv2d | nn.Linear]:
-    return [module for module in model.modules() if isinstance(module, nn.Conv2d | nn.Linear)]
+STEP = 0.025  # channels pruned per step, as a fraction of each layer's width when a round starts
+# Widths that are all multiples of 16 stay so: ONNX Runtime's fp32 convs run in blocks of 16 channels with AVX-512 (8
+# with AVX2). Measured interleaved on the compact CNN: widths 16-16-32-64 ran 1.84x faster than 16-32-64-128 at batch
+# 64, while 8-24-48-96, at half the MACs, ran no faster at all.
+CHANNEL_ROUND = 16
 
 
 def count_parameters(model: nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
 
 
-def sparsity(model: nn.Module) -> float:
-    """Fraction of zeros among the weights of every conv and linear layer."""
-    weights = [layer.weight for layer in _layers(model)]
-    return sum(int((weight == 0).sum()) for weight in weights) / sum(weight.numel() for weight in weights)
+def count_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of one forward pass on `example` (one image), by Torch-Pruning's counter."""
+    macs, _ = tp.utils.count_ops_and_params(model, example)
+    return int(macs)
 
 
-def fine_tune(model: nn.Module, loader: DataLoader, epochs: int, lr: float, loss_fn: Loss | None = None) -> nn.Module:
-    """Train `model` in place for `epochs` with SGD (Nesterov momentum, no weight decay); returns it in eval mode."""
-    optimizer = make_optimizer(model, Recipe(lr=lr, momentum=FINETUNE_MOMENTUM, weight_decay=0.0))
-    run_epochs(model, optimizer, loader, epochs, Recipe(), hooks=Hooks(loss=loss_fn))
-    return model.eval()
+def output_layer(model: nn.Module) -> nn.Linear:
+    """The classifier's last linear layer, whose outputs are the classes and so are never pruned."""
+    return [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
 
 
-def magnitude_prune(model: nn.Module, amount: float, loader: DataLoader, epochs: int, lr: float) -> nn.Module:
-    """A copy of `model` with the `amount` fraction of smallest conv and linear weights (ranked globally) set to zero,
-    fine-tuned with the mask held, then made permanent."""
-    pruned = copy.deepcopy(model)
-    targets = [(layer, "weight") for layer in _layers(pruned)]
-    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
-    fine_tune(pruned, loader, epochs, lr)
-    for layer, name in targets:
-        prune.remove(layer, name)
-    return pruned
+def prune_to_macs(model: nn.Module, example: torch.Tensor, target_macs: float) -> int:
+    """Prune `model` in place, a few channels of every layer per step (lowest L2 norm, ranked per coupled group),
+    until its MACs are at most `target_macs`; returns its MACs. Raises ValueError when no step can go further."""
+    was_training = model.training
+    model.eval()
+    steps = round((1 - STEP) / STEP)
+    widths = [layer.weight.shape[0] for layer in model.modules() if isinstance(layer, nn.Conv2d | nn.Linear)][:-1]
+    multiple = CHANNEL_ROUND if all(width % CHANNEL_ROUND == 0 for width in widths) else None
+    pruner = tp.pruner.MagnitudePruner(
+        model, example, tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=STEP * steps,
+        iterative_steps=steps, ignored_layers=[output_layer(model)], round_to=multiple)
+    macs = count_macs(model, example)
+    for _ in range(steps):
+        if macs <= target_macs:
+            break
+        pruner.step()
+        macs = count_macs(model, example)
+    model.train(was_training)
+    if macs > target_macs:
+        raise ValueError(f"cannot prune below {macs:,} MACs (target {target_macs:,.0f}): every prunable layer is at "
+                         f"its narrowest")
+    return macs
 
 
-def plain_cnn(model: nn.Module) -> PlainCNN:
-    net = model[1]
-    if not isinstance(net, PlainCNN):
-        raise TypeError(f"channel pruning and distillation need a plain CNN ({', '.join(PLAIN_CNNS)}), "
-                        f"not {type(net).__name__}")
-    return net
+def round_targets(full_macs: int, ratio: float, rounds: int) -> list[float]:
+    """MACs targets of iterative pruning: geometric steps from `full_macs` to `ratio * full_macs` in `rounds`."""
+    return [full_macs * ratio ** (step / rounds) for step in range(1, rounds + 1)]
 
 
-def _strongest(conv: nn.Conv2d, keep: float) -> torch.Tensor:
-    """Sorted indices of the `keep` fraction (at least one) of `conv`'s output channels with the largest L1 norm."""
-    norms = conv.weight.detach().abs().sum(dim=(1, 2, 3))
-    return norms.topk(max(1, round(len(norms) * keep))).indices.sort().values
+def thinned(model: nn.Module, example: torch.Tensor, target_macs: float) -> nn.Module:
+    """A freshly initialised copy of `model` with every layer uniformly narrower, at most `target_macs` MACs: a
+    student of the same family (pretrained `model` untouched)."""
+    student = copy.deepcopy(model)
+    prune_to_macs(student, example, target_macs)
+    for module in student.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return student
 
 
-def channel_prune(model: nn.Module, keep: float, loader: DataLoader, epochs: int, lr: float) -> nn.Module:
-    """A smaller plain CNN: each conv keeps its `keep` fraction of output channels with the largest L1 norm; its
-    batch norm, the next conv and the first linear layer keep the matching entries; then fine-tuned."""
-    net = plain_cnn(model)
-    state, kept, widths = net.state_dict(), torch.arange(net.arguments["in_channels"]), []
-    for index, layer in enumerate(net.features):
-        prefix = f"features.{index}."
-        if isinstance(layer, nn.Conv2d):
-            channels = _strongest(layer, keep)
-            state[prefix + "weight"] = state[prefix + "weight"][channels][:, kept]
-            if layer.bias is not None:
-                state[prefix + "bias"] = state[prefix + "bias"][channels]
-            kept = channels
-            widths.append(len(channels))
-        elif isinstance(layer, nn.BatchNorm2d):
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                state[prefix + name] = state[prefix + name][kept]
-    index, linear = next((i, layer) for i, layer in enumerate(net.classifier) if isinstance(layer, nn.Linear))
-    convs = [layer for layer in net.features if isinstance(layer, nn.Conv2d)]
-    area = linear.in_features // convs[-1].out_channels  # Flatten is channel-major
-    columns = (kept[:, None] * area + torch.arange(area)).flatten()
-    state[f"classifier.{index}.weight"] = state[f"classifier.{index}.weight"][:, columns]
-    small = nn.Sequential(copy.deepcopy(model[0]), net.with_widths([*widths, *net.widths[len(widths):]]))
-    small[1].load_state_dict(state)
-    return fine_tune(small, loader, epochs, lr)
+def resized(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """`model` (built at full width) narrowed to the shapes in `state`, a pruned copy's state_dict, and loaded with
+    it. Convs, linears and batch norms take their widths from their tensors; depthwise convs keep groups = channels."""
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        for key, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            saved = state[prefix + key]
+            if saved.shape != tensor.shape:
+                value = torch.empty_like(saved)
+                if isinstance(tensor, nn.Parameter):
+                    module.register_parameter(key, nn.Parameter(value, requires_grad=tensor.requires_grad))
+                else:
+                    module.register_buffer(key, value)
+        if isinstance(module, nn.Conv2d):
+            depthwise = module.groups > 1 and module.groups == module.out_channels
+            module.out_channels = module.weight.shape[0]
+            module.groups = module.out_channels if depthwise else module.groups
+            module.in_channels = module.weight.shape[1] * module.groups
+        elif isinstance(module, nn.Linear):
+            module.out_features, module.in_features = module.weight.shape
+        elif isinstance(module, nn.BatchNorm2d):
+            module.num_features = module.running_mean.shape[0]
+    model.load_state_dict(state)
+    return model

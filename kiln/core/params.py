@@ -22,8 +22,9 @@ IMAGE_SIDES = {"fashion_mnist": 28, "digits": 8, "cifar10": 32}
 MODELS = ("lenet", "compact", "resnet")  # kiln's zoo (kiln.core.models)
 TORCHVISION_PREFIX = "torchvision:"  # or torchvision:<name>, checked against torchvision when training starts
 TUNABLE_TRAIN_KEYS = ("lr", "momentum", "weight_decay", "batch_size", "label_smoothing", "dropout")
-COMPRESS_VARIANTS = ("fp32", "int8", "pruned", "pruned_int8", "channel_pruned", "channel_pruned_int8", "distilled",
-                     "distilled_int8")  # `X_int8` is X exported, then int8-quantized
+COMPRESS_FLOATS = ("fp32", "pruned", "pruned_kd", "distilled", "student")  # kiln.compress.recovery says what each is
+COMPRESS_VARIANTS = ("fp32", "int8", *(f"{name}{suffix}" for name in COMPRESS_FLOATS[1:] for suffix in ("", "_int8"))
+                     )  # `X_int8` is X exported, then int8-quantized
 
 
 class ParamsError(InputError):
@@ -227,24 +228,24 @@ class TuneParams(Strict):
 class CompressParams(Strict):
     variants: list[str] = Field(description="Models to build and measure; see COMPRESS_VARIANTS.")
     calibration_samples: int = Field(ge=1)
-    sparsity: float = Field(ge=0, lt=1, description="pruned: fraction of conv and linear weights set to zero.")
-    channel_keep: float = Field(gt=0, le=1, description="channel_pruned: fraction of each conv's channels kept.")
-    student_width: float = Field(gt=0, le=1, description="distilled: the student's widths over the trained model's.")
+    target_macs_ratio: float = Field(gt=0, lt=1, description="Pruned variants and students: MACs over fp32's.")
+    prune_rounds: int = Field(ge=1, description="Pruned variants: prune-then-recover steps to reach the target.")
+    recovery_epochs: int = Field(ge=1, description="Pruned variants: training epochs after each pruning step.")
+    recovery_lr: float = Field(gt=0, description="Pruned variants: each round's peak learning rate (cosine decay).")
+    student_epochs: int = Field(ge=1, description="distilled, student: epochs from fresh weights.")
+    student_lr: float = Field(gt=0, description="distilled, student: the one-cycle peak learning rate.")
+    batch_size: int = Field(ge=1, description="Recovery training's global batch, split across the workers.")
     distill_temperature: float = Field(gt=0)
     distill_alpha: float = Field(ge=0, le=1, description="Weight of the soft-target (KL) loss; the rest is CE.")
-    distill_epochs: int = Field(ge=1)
-    distill_lr: float = Field(gt=0, description="Learning rate of the student, trained from scratch.")
-    finetune_epochs: int = Field(ge=1)
-    finetune_lr: float = Field(gt=0, description="Learning rate of the fine-tunes after pruning.")
-    finetune_samples: int = Field(ge=1, description="Fine-tunes and distillation use a stratified subset.")
-    finetune_batch_size: int = Field(ge=1)
+    num_workers: int = Field(ge=1, description="Ray Train workers of the recovery training (DDP, CPU).")
+    cpus_per_worker: int = Field(ge=1)
     max_accuracy_drop_points: float = Field(
         ge=0, description="Deployable: the fastest variant within this many points of fp32's val accuracy."
     )
     min_speedup: float = Field(
         ge=1, description="Deployable: fp32 unless that variant is this many times faster (see kiln.compress.select)."
     )
-    seed: int = Field(description="Calibration and fine-tune subsets, shuffling, student initialisation.")
+    seed: int = Field(description="Calibration subset, shuffling, student initialisation.")
 
     @field_validator("variants")
     @classmethod

@@ -34,7 +34,7 @@ class TorchTrainer(ray.train.torch.TorchTrainer):
         return [callback for callback in callbacks if not isinstance(callback, PlacementGroupCleanerCallback)]
 
 
-def _shuffled_loader(data: dict[str, Any], batch_size: int, seed: int, rank: int, world: int) -> DataLoader:
+def shuffled_loader(data: dict[str, Any], batch_size: int, seed: int, rank: int, world: int) -> DataLoader:
     """This worker's shard of the training set, reshuffled by (seed, epoch) once `set_epoch` is called; Ray's
     preparation moves its batches to the worker's device."""
     dataset = to_dataset(data["x_train"], data["y_train"])
@@ -59,20 +59,20 @@ def _progress_line(metrics: dict[str, float], epochs: int, seconds: float) -> st
             f"{metrics['images_per_second']:.0f} img/s ETA {seconds * (epochs - epoch):.0f}s")
 
 
-def _epoch_logger(config: dict[str, Any], rank: int) -> Callable[[dict[str, float], int], None] | None:
-    """Rank 0's per-epoch MLflow logging when the driver passed a run id (inside a tune trial, Tune's MLflow callback
-    logs the reported metrics instead). MLflow is imported only here, keeping its ~1,500 modules out of workers that
-    do not log."""
-    if rank != 0 or not config.get("mlflow_run_id"):
+def epoch_logger(tracking_uri: str, run_id: str | None, rank: int) -> Callable[[dict[str, float], int], None] | None:
+    """Rank 0's per-epoch MLflow logging into run `run_id` when the driver passed one (inside a tune trial, Tune's
+    MLflow callback logs the reported metrics instead). MLflow is imported only here, keeping its ~1,500 modules out
+    of workers that do not log."""
+    if rank != 0 or not run_id:
         return None
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
-    client = MlflowClient(config["tracking_uri"])
+    client = MlflowClient(tracking_uri)
 
     def log(metrics: dict[str, float], epoch: int) -> None:
         now = int(time.time() * 1000)
-        client.log_batch(config["mlflow_run_id"], metrics=[
+        client.log_batch(run_id, metrics=[
             Metric(key, float(value), now, epoch) for key, value in metrics.items() if key != "epoch"])
 
     return log
@@ -90,7 +90,7 @@ def train_worker(config: dict[str, Any]) -> None:
     model = build_model(**config["spec"])
     if config.get("initial_state") is not None:
         model.load_state_dict(ray.get(config["initial_state"]))
-    train_loader = _shuffled_loader(data, max(1, config["batch_size"] // world), config["seed"], rank, world)
+    train_loader = shuffled_loader(data, max(1, config["batch_size"] // world), config["seed"], rank, world)
     val_loader = ray.train.torch.prepare_data_loader(make_loader(data["x_val"], data["y_val"], VAL_BATCH, False, 0))
     device = ray.train.torch.get_device()
     if recipe.channels_last:
@@ -106,7 +106,7 @@ def train_worker(config: dict[str, Any]) -> None:
             print(f"train: resuming after epoch {progress.epoch} from {checkpoint.path}", flush=True)
     model = ray.train.torch.prepare_model(model)
     nodes = _worker_nodes(world)
-    log = _epoch_logger(config, rank)
+    log = epoch_logger(config["tracking_uri"], config.get("mlflow_run_id"), rank)
 
     def report(metrics: dict[str, float], progress: Progress) -> None:
         with tempfile.TemporaryDirectory() as folder:
@@ -131,13 +131,13 @@ def train_worker(config: dict[str, Any]) -> None:
               f"epochs; keeping epoch {stopper.best_epoch}'s weights", flush=True)
 
 
-def fit(config: dict[str, Any], num_workers: int, cpus_per_worker: int, use_gpu: bool, storage_path: str,
-        name: str, max_failures: int) -> dict[str, Any]:
-    """Run `train_worker` on `num_workers` Ray Train workers (gloo on CPU, NCCL on GPU), restarting them from the
-    latest checkpoint in `storage_path` (a folder or a cloud URI) up to `max_failures` times when one dies; returns
-    the final checkpoint's state."""
+def fit(worker: Callable[[dict[str, Any]], None], config: dict[str, Any], num_workers: int, cpus_per_worker: int,
+        use_gpu: bool, storage_path: str, name: str, max_failures: int) -> dict[str, Any]:
+    """Run `worker` (`train_worker`, or compression's recovery worker) on `num_workers` Ray Train workers (gloo on
+    CPU, NCCL on GPU), restarting them from the latest checkpoint in `storage_path` (a folder or a cloud URI) up to
+    `max_failures` times when one dies; returns the final checkpoint's state."""
     trainer = TorchTrainer(
-        train_worker,
+        worker,
         train_loop_config=config,
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,

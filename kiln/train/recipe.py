@@ -47,11 +47,16 @@ def make_recipe(train: TrainParams, dataset: str, tuned: dict[str, float] | None
     recipe = Recipe(
         optimizer=train.optimizer, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
         schedule=train.schedule, warmup_epochs=train.warmup_epochs, label_smoothing=train.label_smoothing,
-        augment=AugmentSettings(**train.augmentation[dataset].model_dump()), adversarial=train.adversarial.method,
+        augment=dataset_augmentation(train, dataset), adversarial=train.adversarial.method,
         adversarial_epsilon=train.adversarial.epsilon, adversarial_ratio=train.adversarial.ratio,
         pgd_steps=train.adversarial.pgd_steps, amp=train.amp, channels_last=train.channels_last,
     )
     return with_values(recipe, tuned or {})
+
+
+def dataset_augmentation(train: TrainParams, dataset: str) -> AugmentSettings:
+    """The train section's augmentation for `dataset` (its entry under `train.augmentation`)."""
+    return AugmentSettings(**train.augmentation[dataset].model_dump())
 
 
 def tuned_hyperparameters(train: TrainParams, best_config: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,8 @@ def make_tuner(params: Params, trainable: Any, space: dict[str, Any], storage: s
     # Ray's new output engine prints a configuration box whatever `verbose` says; the legacy one is silent at
     # verbose 0, and TrialLines reports each trial instead.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Ray Tune warns whenever handling a result takes over 0.5 s, routine on a busy 2-core machine: noise in the log.
+    logging.getLogger("ray.tune.utils.util").setLevel(logging.ERROR)
     tracker = TrialTracker(settings.epochs, tracking_uri=tracking_uri, experiment_name=params.tracking.experiment,
                            tags={"mlflow.parentRunId": parent_run_id, "kiln.stage": "tune-trial",
                                  "kiln.tune_experiment": name})

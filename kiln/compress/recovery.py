@@ -1,0 +1,183 @@
+"""Recovery training of the structured variants, data-parallel on Ray Train through the one training loop: one fit
+trains them all (Ray Train's start-up is paid once), on the full training split.
+
+- `pruned`, `pruned_kd`: the trained model pruned in `prune_rounds` steps to `target_macs_ratio` of its MACs, each
+  step followed by `recovery_epochs` of training (a cosine schedule from `recovery_lr`): on the labels alone, or
+  distilled from the trained model (kd).
+- `distilled`, `student`: a uniformly thinner copy at the same MACs target, re-initialised and trained for
+  `student_epochs` (one-cycle at `student_lr`): from the teacher, or on the labels alone (distillation's control).
+
+Rank 0 prints a line per epoch, logs it to the variant's MLflow run and, after every round, writes a checkpoint
+holding the finished variants and the current one's weights, so a dead worker costs at most one round.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kiln.compress.distillation import distillation_loss
+from kiln.compress.pruning import count_macs, prune_to_macs, resized, round_targets, thinned
+from kiln.core.models import build_model
+from kiln.core.params import CompressParams
+from kiln.core.prepared import to_float
+from kiln.train.augment import AugmentSettings
+from kiln.train.checkpoint import load, save
+from kiln.train.distributed import epoch_logger, fit, shuffled_loader
+from kiln.train.loop import VAL_BATCH, Hooks, Loss, Progress, run_epochs, unwrap
+from kiln.train.recipe import Recipe, make_loader, make_optimizer, make_scheduler, seed_everything
+
+PRUNED = ("pruned", "pruned_kd")  # start from the trained weights
+STUDENTS = ("distilled", "student")  # start from fresh weights
+TAUGHT = ("pruned_kd", "distilled")  # trained on the teacher's logits
+RECOVERED = (*PRUNED, *STUDENTS)
+WEIGHT_DECAY = 5e-4  # the stock train recipe's
+History = list[dict[str, float]]
+MAX_FAILURES = 3  # worker deaths survived, each costing at most one round
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one recovered variant is trained: `rounds` of `epochs` each, every round with a fresh schedule."""
+
+    variant: str
+    rounds: int
+    epochs: int
+    recipe: Recipe
+
+
+def plan(variant: str, settings: CompressParams, augment: AugmentSettings) -> Plan:
+    """The rounds, epochs and recipe of `variant`; `augment` is the training data's augmentation, as the train stage
+    used it."""
+    if variant in PRUNED:
+        return Plan(variant, settings.prune_rounds, settings.recovery_epochs,
+                    Recipe(lr=settings.recovery_lr, weight_decay=WEIGHT_DECAY, schedule="cosine", augment=augment))
+    return Plan(variant, 1, settings.student_epochs,
+                Recipe(lr=settings.student_lr, weight_decay=WEIGHT_DECAY, schedule="onecycle", augment=augment))
+
+
+def _starting_model(variant: str, teacher: nn.Module, example: torch.Tensor, target_macs: float,
+                    seed: int) -> nn.Module:
+    """The trained model's copy (pruned variants) or a fresh thinner student, the same for every student variant."""
+    if variant in PRUNED:
+        return copy.deepcopy(teacher)
+    seed_everything(seed)
+    return thinned(teacher, example, target_macs)
+
+
+def _progress_line(step: Plan, round_index: int, macs_ratio: float, metrics: dict[str, float]) -> str:
+    return (f"compress: {step.variant} round {round_index}/{step.rounds} epoch {int(metrics['epoch'])}/{step.epochs} "
+            f"MACs {macs_ratio:.2f}x loss {metrics['train_loss']:.4f} val_acc {metrics['val_accuracy']:.4f} "
+            f"{metrics['images_per_second']:.0f} img/s")
+
+
+@dataclass
+class Worker:
+    """What one Ray Train worker holds across variants and rounds."""
+
+    rank: int
+    settings: CompressParams
+    train_loader: DataLoader
+    val_loader: DataLoader
+    teach: Loss  # the distillation loss against the trained model
+    state: dict[str, Any]  # the checkpoint's: finished variants ("done") and the variant in progress ("current")
+
+    def train_round(self, model: nn.Module, step: Plan, round_index: int, macs_ratio: float, history: History,
+                    log: Callable[[dict[str, float], int], None] | None) -> nn.Module:
+        """Train `model` (already pruned for this round) for the round's epochs in DDP; rank 0 prints and logs each
+        epoch and checkpoints the round's end. Returns the trained model, unwrapped and copied for the next round."""
+        ddp = ray.train.torch.prepare_model(model)
+        optimizer = make_optimizer(ddp, step.recipe)
+        scheduler = make_scheduler(optimizer, step.recipe, step.epochs, len(self.train_loader))
+
+        def report(metrics: dict[str, float], progress: Progress) -> None:
+            row = {**metrics, "round": round_index, "macs_ratio": macs_ratio, "epoch": len(history) + 1}
+            history.append(row)
+            saved = None
+            with tempfile.TemporaryDirectory() as folder:
+                if self.rank == 0:
+                    print(_progress_line(step, round_index, macs_ratio, metrics), flush=True)
+                    if log:  # prefixed: the variant's run also holds its measured row (val_accuracy, ...)
+                        log({f"recovery/{key}": value for key, value in row.items()}, int(row["epoch"]))
+                    if progress.epoch == step.epochs:  # the round's end
+                        self.finish_round(step, round_index, unwrap(ddp), history)
+                        saved = ray.train.Checkpoint.from_directory(save(folder, self.state))
+                ray.train.report({"variant": step.variant, **row}, checkpoint=saved)
+
+        run_epochs(ddp, optimizer, self.train_loader, step.epochs, step.recipe, val_loader=self.val_loader,
+                   scheduler=scheduler, seed=self.settings.seed + round_index, rank=self.rank,
+                   hooks=Hooks(loss=self.teach if step.variant in TAUGHT else None, on_epoch=report))
+        return copy.deepcopy(unwrap(ddp))  # fresh parameters for the next round's DDP wrapper
+
+    def finish_round(self, step: Plan, round_index: int, model: nn.Module, history: History) -> None:
+        finished = {"model": model.state_dict(), "history": list(history)}
+        if round_index == step.rounds:
+            self.state["done"][step.variant], self.state["current"] = finished, None
+        else:
+            self.state["current"] = {"variant": step.variant, "round": round_index, **finished}
+
+
+def recovery_worker(config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: trains each variant of `config["variants"]` in turn (skipping those a previous
+    attempt finished, resuming the one it was in), pruning before each round and rewrapping the model in DDP."""
+    logging.getLogger().setLevel(logging.WARNING)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    settings: CompressParams = config["settings"]
+    data, device = ray.get(config["data"]), ray.train.torch.get_device()
+    teacher = build_model(**config["spec"])
+    teacher.load_state_dict(ray.get(config["teacher"]))
+    example = torch.from_numpy(to_float(data["x_val"][:1]))
+    full_macs = count_macs(teacher.eval(), example)
+    checkpoint = ray.train.get_checkpoint()
+    worker = Worker(
+        rank, settings, shuffled_loader(data, max(1, settings.batch_size // world), settings.seed, rank, world),
+        ray.train.torch.prepare_data_loader(make_loader(data["x_val"], data["y_val"], VAL_BATCH, False, 0)),
+        distillation_loss(copy.deepcopy(teacher).to(device), settings.distill_temperature, settings.distill_alpha),
+        load(checkpoint) if checkpoint else {"done": {}, "current": None})
+
+    for variant in config["variants"]:
+        if variant in worker.state["done"]:
+            continue
+        step = plan(variant, settings, config["augment"])
+        targets = round_targets(full_macs, settings.target_macs_ratio, step.rounds)
+        current = worker.state["current"]
+        if current and current["variant"] == variant:  # a worker died: continue after the last finished round
+            model = resized(build_model(**config["spec"]), current["model"])
+            first, history = current["round"] + 1, current["history"]
+        else:
+            model, first, history = _starting_model(variant, teacher, example, targets[-1], settings.seed), 1, []
+        log = epoch_logger(config["tracking_uri"], config["mlflow_runs"].get(variant), rank)
+        for round_index in range(first, step.rounds + 1):
+            if variant in PRUNED:
+                prune_to_macs(model.cpu(), example, targets[round_index - 1])
+            macs_ratio = count_macs(model.cpu().eval(), example) / full_macs
+            model = worker.train_round(model, step, round_index, macs_ratio, history, log)
+
+
+def recover(teacher: nn.Module, spec: dict[str, Any], variants: list[str], settings: CompressParams,
+            augment: AugmentSettings, data: dict[str, Any], storage_path: str, name: str, tracking_uri: str,
+            mlflow_runs: dict[str, str]) -> dict[str, tuple[nn.Module, History]]:
+    """Train `variants` (a subset of RECOVERED) in one Ray Train fit on `data` augmented by `augment`; returns each
+    one's model (eval mode) and per-epoch history."""
+    started = time.perf_counter()
+    config = {"settings": settings, "augment": augment, "spec": spec, "variants": variants, "data": ray.put(data),
+              "teacher": ray.put(teacher.state_dict()), "tracking_uri": tracking_uri, "mlflow_runs": mlflow_runs}
+    state = fit(recovery_worker, config, settings.num_workers, settings.cpus_per_worker, False, storage_path, name,
+                MAX_FAILURES)
+    print(f"compress: recovery training of {', '.join(variants)} took {time.perf_counter() - started:.0f}s",
+          flush=True)
+    return {variant: (resized(build_model(**spec), state["done"][variant]["model"]).eval(),
+                      state["done"][variant]["history"]) for variant in variants}
