@@ -185,17 +185,17 @@ def test_export_writes_global_average_pooling(tmp_path: Path) -> None:
                                   pytest.param("torchvision:mobilenet_v3_small", marks=pytest.mark.slow)])
 def test_pruning_reaches_the_macs_target_on_every_kind_of_zoo_model(name: str, tmp_path: Path) -> None:
     """Plain CNNs, residual adds with batch norm, depthwise convs and squeeze-excitation: iterative pruning reaches the
-    target without overshooting it by much, the pruned network still classifies every class, is smaller as ONNX, and
-    a fresh full-width model resized to its state gives the same outputs."""
+    target (overshooting only as far as whole channel multiples force), the pruned network still has every class, is
+    smaller as ONNX, and a fresh full-width model resized to its state gives the same outputs."""
     torch.manual_seed(0)
     spec = dict(name=name, in_channels=1, num_classes=10, image_size=28, mean=[0.5], std=[0.25])
     model, example = build_model(**spec).eval(), torch.rand(4, 1, 28, 28)
     full = count_macs(model, example[:1])
-    pruned = build_model(**spec).eval()
-    pruned.load_state_dict(model.state_dict())
+    pruned = model
     for target in round_targets(full, 0.5, 2):
-        macs = prune_to_macs(pruned, example[:1], target)
-    assert 0.3 * full <= macs <= 0.5 * full and count_parameters(pruned) < count_parameters(model)
+        pruned = prune_to_macs(pruned, example[:1], target)
+    macs = count_macs(pruned, example[:1])
+    assert 0.2 * full <= macs <= 0.5 * full and count_parameters(pruned) < count_parameters(model)  # coarse multiples
     assert output_width(pruned) == 10 and count_macs(model, example[:1]) == full  # the original is untouched
     rebuilt = resized(build_model(**spec), pruned.state_dict()).eval()
     with torch.no_grad():
@@ -211,7 +211,7 @@ def output_width(model: nn.Module) -> int:
 
 def test_pruning_to_an_impossible_target_names_it() -> None:
     model = build_model("lenet", 1, 10, 8, [0.5], [0.25]).eval()
-    with pytest.raises(ValueError, match="cannot prune below"):
+    with pytest.raises(ValueError, match="cannot prune below [0-9,]+ MACs"):
         prune_to_macs(model, torch.rand(1, 1, 8, 8), 10)
 
 

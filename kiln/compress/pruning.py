@@ -16,10 +16,10 @@ import torch_pruning as tp
 from torch import nn
 
 STEP = 0.025  # channels pruned per step, as a fraction of each layer's width when a round starts
-# Widths that are all multiples of 16 stay so: ONNX Runtime's fp32 convs run in blocks of 16 channels with AVX-512 (8
-# with AVX2). Measured interleaved on the compact CNN: widths 16-16-32-64 ran 1.84x faster than 16-32-64-128 at batch
-# 64, while 8-24-48-96, at half the MACs, ran no faster at all.
-CHANNEL_ROUND = 16
+# Widths that are all multiples of 16 (else 8) stay so when the target allows: ONNX Runtime's fp32 convs run in blocks
+# of 16 channels with AVX-512, 8 with AVX2. Measured interleaved on the compact CNN: widths 16-16-32-64 ran 1.84x
+# faster than 16-32-64-128 at batch 64, while 8-24-48-96, at half the MACs, ran no faster at all.
+CHANNEL_MULTIPLES = (16, 8)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -37,14 +37,16 @@ def output_layer(model: nn.Module) -> nn.Linear:
     return [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
 
 
-def prune_to_macs(model: nn.Module, example: torch.Tensor, target_macs: float) -> int:
-    """Prune `model` in place, a few channels of every layer per step (lowest L2 norm, ranked per coupled group),
-    until its MACs are at most `target_macs`; returns its MACs. Raises ValueError when no step can go further."""
-    was_training = model.training
-    model.eval()
-    steps = round((1 - STEP) / STEP)
+def _roundings(model: nn.Module) -> list[int | None]:
+    """Channel multiples to try, coarsest first: those every prunable width already is a multiple of, then none."""
     widths = [layer.weight.shape[0] for layer in model.modules() if isinstance(layer, nn.Conv2d | nn.Linear)][:-1]
-    multiple = CHANNEL_ROUND if all(width % CHANNEL_ROUND == 0 for width in widths) else None
+    return [m for m in CHANNEL_MULTIPLES if all(width % m == 0 for width in widths)] + [None]
+
+
+def _prune(model: nn.Module, example: torch.Tensor, target_macs: float, multiple: int | None) -> int:
+    """Prune `model` in place, a few channels of every layer per step (lowest L2 norm, ranked per coupled group), until
+    its MACs are at most `target_macs` or no step is left; returns its MACs."""
+    steps = round((1 - STEP) / STEP)
     pruner = tp.pruner.MagnitudePruner(
         model, example, tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=STEP * steps,
         iterative_steps=steps, ignored_layers=[output_layer(model)], round_to=multiple)
@@ -54,11 +56,19 @@ def prune_to_macs(model: nn.Module, example: torch.Tensor, target_macs: float) -
             break
         pruner.step()
         macs = count_macs(model, example)
-    model.train(was_training)
-    if macs > target_macs:
-        raise ValueError(f"cannot prune below {macs:,} MACs (target {target_macs:,.0f}): every prunable layer is at "
-                         f"its narrowest")
     return macs
+
+
+def prune_to_macs(model: nn.Module, example: torch.Tensor, target_macs: float) -> nn.Module:
+    """A copy of `model` (in eval mode) pruned to at most `target_macs` MACs, its widths kept at the coarsest channel
+    multiple that reaches the target. Raises ValueError naming the floor when no pruning reaches it."""
+    for multiple in _roundings(model):
+        pruned = copy.deepcopy(model).eval()
+        macs = _prune(pruned, example, target_macs, multiple)
+        if macs <= target_macs:
+            return pruned
+    raise ValueError(f"cannot prune below {macs:,} MACs (target {target_macs:,.0f}): every prunable layer is at its "
+                     f"narrowest")
 
 
 def round_targets(full_macs: int, ratio: float, rounds: int) -> list[float]:
@@ -69,8 +79,7 @@ def round_targets(full_macs: int, ratio: float, rounds: int) -> list[float]:
 def thinned(model: nn.Module, example: torch.Tensor, target_macs: float) -> nn.Module:
     """A freshly initialised copy of `model` with every layer uniformly narrower, at most `target_macs` MACs: a
     student of the same family (pretrained `model` untouched)."""
-    student = copy.deepcopy(model)
-    prune_to_macs(student, example, target_macs)
+    student = prune_to_macs(model, example, target_macs)
     for module in student.modules():
         if hasattr(module, "reset_parameters"):
             module.reset_parameters()

@@ -162,7 +162,7 @@ def recovery_worker(config: dict[str, Any]) -> None:
         log = epoch_logger(config["tracking_uri"], config["mlflow_runs"].get(variant), rank)
         for round_index in range(first, step.rounds + 1):
             if variant in PRUNED:
-                prune_to_macs(model.cpu(), example, targets[round_index - 1])
+                model = prune_to_macs(model.cpu(), example, targets[round_index - 1])
             macs_ratio = count_macs(model.cpu().eval(), example) / full_macs
             model = worker.train_round(model, step, round_index, macs_ratio, history, log)
 
