@@ -17,7 +17,6 @@ import copy
 import logging
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +34,7 @@ from kiln.core.params import CompressParams
 from kiln.core.prepared import to_float
 from kiln.train.augment import AugmentSettings
 from kiln.train.checkpoint import load, save
-from kiln.train.distributed import epoch_logger, fit, shuffled_loader
+from kiln.train.distributed import EpochLog, epoch_logger, fit, shuffled_loader
 from kiln.train.loop import VAL_BATCH, Hooks, Loss, Progress, run_epochs, unwrap
 from kiln.train.recipe import Recipe, make_loader, make_optimizer, make_scheduler, seed_everything
 
@@ -95,7 +94,7 @@ class Worker:
     state: dict[str, Any]  # the checkpoint's: finished variants ("done") and the variant in progress ("current")
 
     def train_round(self, model: nn.Module, step: Plan, round_index: int, macs_ratio: float, history: History,
-                    log: Callable[[dict[str, float], int], None] | None) -> nn.Module:
+                    log: EpochLog | None) -> nn.Module:
         """Train `model` (already pruned for this round) for the round's epochs in DDP; rank 0 prints and logs each
         epoch and checkpoints the round's end. Returns the trained model, unwrapped and copied for the next round."""
         ddp = ray.train.torch.prepare_model(model)

@@ -59,7 +59,10 @@ def _progress_line(metrics: dict[str, float], epochs: int, seconds: float) -> st
             f"{metrics['images_per_second']:.0f} img/s ETA {seconds * (epochs - epoch):.0f}s")
 
 
-def epoch_logger(tracking_uri: str, run_id: str | None, rank: int) -> Callable[[dict[str, float], int], None] | None:
+EpochLog = Callable[[dict[str, float], int], None]  # (metrics, step)
+
+
+def epoch_logger(tracking_uri: str | None, run_id: str | None, rank: int) -> EpochLog | None:
     """Rank 0's per-epoch MLflow logging into run `run_id` when the driver passed one (inside a tune trial, Tune's
     MLflow callback logs the reported metrics instead). MLflow is imported only here, keeping its ~1,500 modules out
     of workers that do not log."""
@@ -106,7 +109,7 @@ def train_worker(config: dict[str, Any]) -> None:
             print(f"train: resuming after epoch {progress.epoch} from {checkpoint.path}", flush=True)
     model = ray.train.torch.prepare_model(model)
     nodes = _worker_nodes(world)
-    log = epoch_logger(config["tracking_uri"], config.get("mlflow_run_id"), rank)
+    log = epoch_logger(config.get("tracking_uri"), config.get("mlflow_run_id"), rank)
 
     def report(metrics: dict[str, float], progress: Progress) -> None:
         with tempfile.TemporaryDirectory() as folder:
