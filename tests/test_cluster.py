@@ -7,6 +7,7 @@ through the MLflow server, and rebuilds the registered version from its lineage.
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -119,6 +120,6 @@ def test_the_registered_version_rebuilds_from_its_lineage(deployed_run: dict, tm
     env = deployed_run["env"]
     output = sh(f"{BIN / 'kiln'} reproduce models:/kiln@champion --workdir {tmp_path / 'rebuild'}", tmp_path, env,
                 timeout=1800)
-    verdicts = {line.split()[0]: line.split()[1] for line in output.splitlines() if line.startswith("  ")}
+    verdicts = dict(re.findall(r"^  (prepare|tune|train|compress|evaluate) +(\S+)", output, re.M))
     assert verdicts == {"prepare": "identical", "tune": verdicts["tune"], "train": "identical",
                         "compress": "identical", "evaluate": "identical"}, output[-4000:]

@@ -20,7 +20,6 @@ import yaml
 from mlflow import MlflowClient
 from sklearn.datasets import load_digits
 from torch import nn
-from torch.nn.utils import prune
 
 from kiln.compress.distillation import distillation_loss
 from kiln.compress.onnx_export import CHANNEL_MULTIPLE, export_onnx, quantize_int8
@@ -266,19 +265,14 @@ def test_selection_ships_the_fastest_variant_that_beats_fp32_beyond_the_noise() 
     assert select_deployable({"fp32": 0.9, "int8": 0.9}, paired, 1.0, 1.1).variant == "int8"
 
 
-@pytest.mark.parametrize("order", [("fp32", "pruned"), ("pruned", "fp32")])
-def test_a_variant_with_identical_compute_never_ships(
-    order: tuple[str, str], model_path: Path, val: tuple[np.ndarray, np.ndarray], fp32_onnx: Path, tmp_path: Path,
-) -> None:
-    """Unstructured sparsity (half the weights zeroed) leaves a dense ONNX graph doing the same work: however the
-    variants are listed (and so timed), the selection keeps fp32 at a real threshold."""
-    model, _ = load_trained_model(str(model_path))
-    layers = [(layer, "weight") for layer in model.modules() if isinstance(layer, nn.Conv2d | nn.Linear)]
-    prune.global_unstructured(layers, pruning_method=prune.L1Unstructured, amount=0.5)
-    for layer, name in layers:
-        prune.remove(layer, name)
-    export_onnx(model, torch.from_numpy(val[0][:2]), tmp_path / "pruned.onnx")
-    files = {"fp32": fp32_onnx, "pruned": tmp_path / "pruned.onnx"}
+@pytest.mark.parametrize("order", [("fp32", "copy"), ("copy", "fp32")])
+def test_a_variant_with_identical_compute_never_ships(order: tuple[str, str], val: tuple[np.ndarray, np.ndarray],
+                                                      fp32_onnx: Path, tmp_path: Path) -> None:
+    """A byte-identical copy of fp32 in its own session does exactly the same work: however the two are listed (and so
+    timed), the selection keeps fp32 at a real threshold. (An unstructured-pruned copy is not a safe stand-in: one CI
+    run timed one 1.5x faster than fp32 in every round, a real effect of the zeroed weights on that machine.)"""
+    shutil.copyfile(fp32_onnx, tmp_path / "copy.onnx")
+    files = {"fp32": fp32_onnx, "copy": tmp_path / "copy.onnx"}
     protocol = LatencyParams(batch_size=64, rounds=7, calls=20, warmup_calls=10)
     timings = interleaved({name: onnx_logits(files[name]) for name in order}, batch_of(val[0], 64), protocol)
     selection = select_deployable({name: 0.9 for name in order}, timings, 1.0, 1.1)
