@@ -93,7 +93,7 @@ def kd_gain(model: Path, prepared: Path, work: Path) -> dict[str, Any]:
         settings = stock.model_copy(update={"seed": seed})
         models = recover(trained, saved["spec"], ["distilled", "student"], settings, augment, data,
                          str(work / "ray_results"), f"bench-kd-{seed}", "", {})
-        for name, (net, _) in models.items():
+        for name, net in models.items():
             scores[name].append(accuracy(torch_logits(net), to_float(x_test), y_test))
     ray.shutdown()
     gains = [(taught - alone) * 100 for taught, alone in zip(scores["distilled"], scores["student"], strict=True)]

@@ -61,7 +61,7 @@ def run(params: Params, model: Path, data: Path, onnx_dir: Path, reports: Path) 
     tags = lineage_tags(params, data)
     with mlflow.start_run(run_name="compress", tags={**tags, "kiln.stage": "compress"}) as parent:
         runs = variant_runs(settings.variants, tags)
-        floats, _ = build_float_models(
+        floats = build_float_models(
             trained, saved["spec"], settings, dataset_augmentation(params.train, read_manifest(data)["dataset"]),
             {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val},
             ray_cluster.storage_uri(params.train.storage_path), f"compress-{parent.info.run_id}",

@@ -168,9 +168,9 @@ def recovery_worker(config: dict[str, Any]) -> None:
 
 def recover(teacher: nn.Module, spec: dict[str, Any], variants: list[str], settings: CompressParams,
             augment: AugmentSettings, data: dict[str, Any], storage_path: str, name: str, tracking_uri: str,
-            mlflow_runs: dict[str, str]) -> dict[str, tuple[nn.Module, History]]:
+            mlflow_runs: dict[str, str]) -> dict[str, nn.Module]:
     """Train `variants` (a subset of RECOVERED) in one Ray Train fit on `data` augmented by `augment`; returns each
-    one's model (eval mode) and per-epoch history."""
+    one's model in eval mode (their per-epoch curves are in `mlflow_runs` and the printed lines)."""
     started = time.perf_counter()
     config = {"settings": settings, "augment": augment, "spec": spec, "variants": variants, "data": ray.put(data),
               "teacher": ray.put(teacher.state_dict()), "tracking_uri": tracking_uri, "mlflow_runs": mlflow_runs}
@@ -178,5 +178,4 @@ def recover(teacher: nn.Module, spec: dict[str, Any], variants: list[str], setti
                 MAX_FAILURES)
     print(f"compress: recovery training of {', '.join(variants)} took {time.perf_counter() - started:.0f}s",
           flush=True)
-    return {variant: (resized(build_model(**spec), state["done"][variant]["model"]).eval(),
-                      state["done"][variant]["history"]) for variant in variants}
+    return {variant: resized(build_model(**spec), state["done"][variant]["model"]).eval() for variant in variants}

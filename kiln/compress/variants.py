@@ -30,7 +30,6 @@ from kiln.core.prepared import stratified_head, to_float
 from kiln.train.augment import AugmentSettings
 
 EAGER = ("fp32",)  # float variants also timed in torch eager, for comparison
-History = list[dict[str, float]]
 
 
 def float_source(variant: str) -> str:
@@ -51,16 +50,13 @@ def recovered_variants(variants: list[str]) -> list[str]:
 
 def build_float_models(trained: nn.Module, spec: dict[str, Any], settings: CompressParams, augment: AugmentSettings,
                        data: dict[str, np.ndarray], storage_path: str, name: str, tracking_uri: str,
-                       mlflow_runs: dict[str, str]) -> tuple[dict[str, nn.Module], dict[str, History]]:
+                       mlflow_runs: dict[str, str]) -> dict[str, nn.Module]:
     """The trained model as `fp32` and the recovered models `settings.variants` need (one Ray Train fit, logging each
-    one's curves to its MLflow run), with their per-epoch histories."""
-    models, histories = {BASELINE: trained.eval()}, {}
+    one's curves to its MLflow run)."""
     needed = recovered_variants(settings.variants)
-    if needed:
-        for variant, (model, history) in recover(trained, spec, needed, settings, augment, data, storage_path, name,
-                                                 tracking_uri, mlflow_runs).items():
-            models[variant], histories[variant] = model, history
-    return models, histories
+    recovered = recover(trained, spec, needed, settings, augment, data, storage_path, name, tracking_uri,
+                        mlflow_runs) if needed else {}
+    return {BASELINE: trained.eval(), **recovered}
 
 
 def export_variants(floats: dict[str, nn.Module], variants: list[str], sample: np.ndarray,
@@ -80,16 +76,17 @@ def measure_variants(files: dict[str, Path], floats: dict[str, nn.Module], varia
     """One row per variant (accuracy, MACs, size, parameters, timings, ratios to fp32), torch eager rows keyed
     `torch_<name>`, and the batched timings the selection compares."""
     example = torch.from_numpy(images[:1])
+    macs = {name: count_macs(model, example) for name, model in floats.items()}  # once per float model, not per row
     runners = {variant: onnx_logits(files[variant]) for variant in variants}
     runners.update({f"torch_{name}": torch_logits(floats[name]) for name in EAGER if name in floats})
     timings = {label: interleaved(runners, batch_of(images, size), latency)
                for label, size in (("batch1", 1), ("batched", latency.batch_size))}
     rows = []
     for name, run in runners.items():
-        source = floats[float_source(name.removeprefix("torch_"))]
+        source = float_source(name.removeprefix("torch_"))
         row = {"variant": name, "val_accuracy": accuracy(run, images, labels),
                "onnx_bytes": files[name].stat().st_size if name in files else 0,
-               "parameters": count_parameters(source), "macs": count_macs(source, example)}
+               "parameters": count_parameters(floats[source]), "macs": macs[source]}
         for label, by_name in timings.items():
             row.update(by_name[name].as_metrics(label))
         rows.append(row)
