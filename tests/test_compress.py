@@ -24,8 +24,10 @@ from torch import nn
 from kiln.compress.distillation import distillation_loss
 from kiln.compress.onnx_export import CHANNEL_MULTIPLE, export_onnx, quantize_int8
 from kiln.compress.pruning import count_macs, count_parameters, prune_to_macs, resized, round_targets, thinned
+from kiln.compress.recovery import check_reachable
 from kiln.compress.select import select_deployable, within_accuracy
 from kiln.core.contract import stages
+from kiln.core.errors import InputError
 from kiln.core.files import write_json
 from kiln.core.inference import onnx_logits, predict_onnx, session_options
 from kiln.core.latency import Timing, batch_of, interleaved
@@ -212,6 +214,13 @@ def test_pruning_to_an_impossible_target_names_it() -> None:
     model = build_model("lenet", 1, 10, 8, [0.5], [0.25]).eval()
     with pytest.raises(ValueError, match="cannot prune below [0-9,]+ MACs"):
         prune_to_macs(model, torch.rand(1, 1, 8, 8), 10)
+
+
+def test_an_unreachable_macs_target_names_the_key_before_any_training() -> None:
+    model = build_model("lenet", 1, 10, 8, [0.5], [0.25])
+    with pytest.raises(InputError, match=r"compress.target_macs_ratio: 0.001 is out of reach.*cannot prune below"):
+        check_reachable(model, torch.rand(1, 1, 8, 8), 0.001)
+    check_reachable(model, torch.rand(1, 1, 8, 8), 0.5)  # reachable: no error
 
 
 def test_a_student_is_thinner_and_freshly_initialised(model_path: Path, val: tuple[np.ndarray, np.ndarray]) -> None:

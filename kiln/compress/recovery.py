@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader
 
 from kiln.compress.distillation import distillation_loss
 from kiln.compress.pruning import count_macs, prune_to_macs, resized, round_targets, thinned
+from kiln.core.errors import InputError
 from kiln.core.models import build_model
 from kiln.core.params import CompressParams
 from kiln.core.prepared import to_float
@@ -166,11 +167,20 @@ def recovery_worker(config: dict[str, Any]) -> None:
             model = worker.train_round(model, step, round_index, macs_ratio, history, log)
 
 
+def check_reachable(teacher: nn.Module, example: torch.Tensor, ratio: float) -> None:
+    """Fail before Ray starts, naming compress.target_macs_ratio, when pruning cannot bring `teacher` that low."""
+    try:
+        prune_to_macs(teacher, example, ratio * count_macs(teacher.eval(), example))
+    except ValueError as error:
+        raise InputError(f"compress.target_macs_ratio: {ratio:g} is out of reach for this model: {error}") from None
+
+
 def recover(teacher: nn.Module, spec: dict[str, Any], variants: list[str], settings: CompressParams,
             augment: AugmentSettings, data: dict[str, Any], storage_path: str, name: str, tracking_uri: str,
             mlflow_runs: dict[str, str]) -> dict[str, nn.Module]:
     """Train `variants` (a subset of RECOVERED) in one Ray Train fit on `data` augmented by `augment`; returns each
     one's model in eval mode (their per-epoch curves are in `mlflow_runs` and the printed lines)."""
+    check_reachable(teacher, torch.from_numpy(to_float(data["x_val"][:1])), settings.target_macs_ratio)
     started = time.perf_counter()
     config = {"settings": settings, "augment": augment, "spec": spec, "variants": variants, "data": ray.put(data),
               "teacher": ray.put(teacher.state_dict()), "tracking_uri": tracking_uri, "mlflow_runs": mlflow_runs}
