@@ -24,7 +24,7 @@ import numpy as np
 import ray
 import typer
 
-from benchmarks.report import machine, write_results, write_section
+from benchmarks.report import machine, measured_code, write_results, write_section
 from benchmarks.stages import run_stage
 from kiln.compress.recovery import recover
 from kiln.core import ray_cluster
@@ -134,6 +134,7 @@ def frontier_rows(variants: list[dict[str, Any]]) -> list[list[str]]:
 def main(model: Path | None = None, prepared: Path | None = None, rounds: int = 10, repeats: int = 50) -> None:
     """Run the compress stage on `model` (default: the train stage's), time its deployable model side by side on the
     test split of `prepared` (default: the prepare stage's), then measure distillation's gain."""
+    code = measured_code("compress")
     model = model or stage_path("train", "model", ROOT)
     prepared = prepared or stage_path("prepare", "out", ROOT)
     require(model, "dvc repro train")
@@ -182,7 +183,7 @@ def main(model: Path | None = None, prepared: Path | None = None, rounds: int = 
                         f"{repeats} calls after warm-up, median [min-max] of the round p50s; {results['machine']}")
     for line in verdicts(results):
         print(f"bench: {line}", flush=True)
-    write_results("compress", results)
+    write_results("compress", results, code)
     header = ["engine", "model", "test acc", *(f"b{size} p50 ms" for size in BATCHES),
               *(f"b{size} vs ORT fp32" for size in BATCHES)]
     frontier = ["", "The stage's variants (val split, its own interleaved timing):", "",

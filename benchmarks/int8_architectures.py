@@ -24,7 +24,7 @@ import typer
 from torch import nn
 
 from benchmarks.compress import spread
-from benchmarks.report import machine, write_results, write_section
+from benchmarks.report import machine, measured_code, write_results, write_section
 from kiln.compress.onnx_export import export_onnx, quantize_int8
 from kiln.core.contract import stage_path
 from kiln.core.inference import onnx_logits, torch_logits
@@ -68,6 +68,7 @@ def train_images_per_second(model: nn.Module, x: np.ndarray, y: np.ndarray) -> f
 
 def main(prepared: Path | None = None, rounds: int = 5, repeats: int = 30) -> None:
     """Training speed and batch-64 latency of every candidate architecture."""
+    code = measured_code("int8_architectures")
     prepared = prepared or stage_path("prepare", "out", ROOT)
     if not (prepared / "manifest.json").is_file():
         raise SystemExit(f"{prepared}: missing; run `dvc repro prepare` first (or pass its path)")
@@ -91,7 +92,7 @@ def main(prepared: Path | None = None, rounds: int = 5, repeats: int = 30) -> No
                          "batch64_p50_ms": {engine: spread(values) for engine, values in p50.items()}, **ratios}
         print(f"bench: {name}: train {speed:.0f} img/s, int8 {ratios['int8_vs_ort_fp32']['median']:.2f}x ORT fp32, "
               f"{ratios['int8_vs_torch_fp32']['median']:.2f}x torch eager", flush=True)
-    write_results("int8_architectures", {"machine": machine(), "architectures": results})
+    write_results("int8_architectures", {"machine": machine(), "architectures": results}, code)
     stock = results["compact (stock)"]["train_images_per_second"]
     rows = [(name, f"{r['parameters']:,}",
              f"{r['train_images_per_second']:.0f} ({r['train_images_per_second'] / stock:.2f}x)",

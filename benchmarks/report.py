@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import platform
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +13,7 @@ from typing import Any
 import onnxruntime as ort
 import torch
 
+from kiln.core.codebase import closure, combined_hash, file_hashes, stage_files
 from kiln.core.files import atomic_path, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,8 +35,31 @@ def machine() -> str:
             f"torch {torch.__version__}, onnxruntime {ort.__version__}")
 
 
-def write_results(name: str, results: dict[str, Any]) -> None:
-    write_json(ROOT / "benchmarks" / "results" / f"{name}.json", results)
+def stages_run(benchmark: Path) -> set[str]:
+    """The stages a benchmark runs through `run_stage("STAGE", ...)` (as subprocesses, so not among its imports)."""
+    return {node.args[0].value for node in ast.walk(ast.parse(benchmark.read_text()))
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "run_stage"
+            and node.args and isinstance(node.args[0], ast.Constant)}
+
+
+def measured_code(name: str, root: Path = ROOT) -> dict[str, str]:
+    """Hashes of what benchmark `name`'s figures depend on: the project modules it imports, those of the stages it
+    runs, and params.yaml (its defaults)."""
+    benchmark = root / "benchmarks" / f"{name}.py"
+    files = closure([benchmark], root).union(*(stage_files(stage, root) for stage in stages_run(benchmark)))
+    return file_hashes(files | {Path("params.yaml")}, root)
+
+
+def head_commit() -> str | None:
+    found = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
+    return found.stdout.strip() or None
+
+
+def write_results(name: str, results: dict[str, Any], code: dict[str, str]) -> None:
+    """Write benchmarks/results/NAME.json, stamped with the commit and the hashes of the code it measured (`code`,
+    taken from `measured_code(name)` when the benchmark started, so edits made while it ran make it stale)."""
+    stamp = {"commit": head_commit(), "code_hash": combined_hash(code), "code_files": code}
+    write_json(ROOT / "benchmarks" / "results" / f"{name}.json", {**results, **stamp})
 
 
 def write_section(name: str, command: str, setup: str, header: Sequence[str], rows: Sequence[Sequence[Any]],

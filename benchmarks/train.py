@@ -29,7 +29,7 @@ import ray
 import torch
 import typer
 
-from benchmarks.report import write_results, write_section
+from benchmarks.report import measured_code, write_results, write_section
 from benchmarks.stages import run_stage
 from kiln.core.contract import stage_path
 from kiln.core.models import build_model, load_trained_model, model_spec
@@ -107,6 +107,7 @@ def stock_run(raw: dict[str, Any], prepared: Path, work: Path) -> dict[str, floa
 
 def main(samples: int = 12000, epochs: int = 2, rounds: int = 3) -> None:
     """Measure throughput ratios on `samples` training images, then the stock run on the full dataset."""
+    code = measured_code("train")
     raw = read_raw_params(ROOT / "params.yaml")
     work = Path(tempfile.mkdtemp(prefix="kiln-bench-train-"))
     raw = apply_overrides(raw, {"train.storage_path": str(work / "ray_results")})
@@ -133,7 +134,7 @@ def main(samples: int = 12000, epochs: int = 2, rounds: int = 3) -> None:
         "setup": f"throughput: {samples} training images, batch {params.train.batch_size}, {params.train.model}, "
                  f"stock recipe, last of {epochs} epochs, median of {rounds} alternating rounds",
     }
-    write_results("train", results)
+    write_results("train", results, code)
     shutil.rmtree(work / "ray_results", ignore_errors=True)
     ips = results["images_per_second"]
     rows = [

@@ -5,18 +5,16 @@ other stage; a stage's kiln package imports only the packages it builds on."""
 
 from __future__ import annotations
 
-import ast
 import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
+from kiln.core.codebase import imported_modules, stage_files
 from kiln.core.contract import stages
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ("kiln", "tasks", "flows", "benchmarks")  # the project's own top-level packages
-STAGE_ENTRY = ("tasks/__main__.py", "tasks/stages.py")  # what `python -m tasks STAGE` runs before the stage module
 KILN_LAYERS = {  # a kiln package -> the kiln packages it may import
     "core": {"core"}, "prepare": {"core", "prepare"}, "train": {"core", "train"},
     "tune": {"core", "train", "tune"}, "compress": {"core", "train", "compress"}, "evaluate": {"core", "evaluate"},
@@ -24,63 +22,16 @@ KILN_LAYERS = {  # a kiln package -> the kiln packages it may import
 }
 
 
-def module_file(name: str, root: Path) -> Path | None:
-    """The file of project module `name` under `root` (a module or a package's __init__), or None."""
-    path = root.joinpath(*name.split("."))
-    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def imported_modules(file: Path, root: Path) -> set[str]:
-    """Project modules `file` imports anywhere in its body (function-level imports included), with the packages
-    Python runs on the way (a.b.c imports a and a.b too)."""
-    names = set()
-    for node in ast.walk(ast.parse(file.read_text())):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from pkg import submodule`
-    found = set()
-    for name in names:
-        if name.split(".")[0] in PACKAGES:
-            parts = name.split(".")
-            found.update(".".join(parts[:end]) for end in range(1, len(parts) + 1)
-                         if module_file(".".join(parts[:end]), root))
-    return found
-
-
-def docstring_only(file: Path) -> bool:
-    """A module with nothing but a docstring (a package's map) cannot change what a stage computes."""
-    body = ast.parse(file.read_text()).body
-    return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
-
-
-def closure(files: list[Path], root: Path) -> set[Path]:
-    """Every project file with code that importing `files` runs, transitively."""
-    seen, todo = set(), list(files)
-    while todo:
-        file = todo.pop()
-        if file in seen:
-            continue
-        seen.add(file)
-        todo.extend(module_file(name, root) for name in imported_modules(file, root))
-    return {path.relative_to(root) for path in seen if not docstring_only(path)}
-
-
 def missing_code_deps(stage: str, root: Path = REPO) -> list[str]:
     """Project files the stage's command imports that none of its deps (a file or a folder) covers."""
     declared = stages(root)[stage].deps
-    entry = [root / name for name in (*STAGE_ENTRY, f"tasks/{stage}.py")]
-    return sorted(str(file) for file in closure(entry, root)
+    return sorted(str(file) for file in stage_files(stage, root)
                   if not any(file == dep or dep in file.parents for dep in declared))
 
 
 def unused_code_deps(stage: str, root: Path = REPO) -> list[str]:
     """Code deps (under kiln/ or tasks/) holding nothing the stage imports: they would re-run it for nothing."""
-    imported = closure([root / name for name in (*STAGE_ENTRY, f"tasks/{stage}.py")], root)
+    imported = stage_files(stage, root)
     return sorted(str(dep) for dep in stages(root)[stage].deps if dep.parts[0] in ("kiln", "tasks")
                   and not any(file == dep or dep in file.parents for file in imported))
 
