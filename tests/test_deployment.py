@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,23 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> I
     stop(server)
 
 
+def refused_quickly_naming_the_key(repo: Path, env: dict[str, str]) -> None:
+    """A bad override sent through `prefect deployment run` fails the flow run within 5 s of its start, its state
+    message naming the key; params.yaml stays as it was."""
+    params = (repo / "params.yaml").read_bytes()
+    sent = subprocess.run([str(BIN / "prefect"), "deployment", "run", "kiln/local", "--param",
+                           'overrides={"train.lr": -1}', "--watch", "--watch-timeout", "300"],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=400)
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", sent.stdout).group(1)
+    with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=10) as response:
+        flow_run = json.loads(response.read())
+    assert flow_run["state"]["type"] == "FAILED", flow_run["state"]
+    assert "train.lr" in flow_run["state"]["message"], flow_run["state"]["message"]
+    started, ended = (datetime.fromisoformat(flow_run[key]) for key in ("start_time", "end_time"))
+    assert (ended - started).total_seconds() < 5, f"failed {ended - started} after the flow started"
+    assert (repo / "params.yaml").read_bytes() == params
+
+
 def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], tmp_path: Path,
                                                   ray_address: str) -> None:
     (tmp_path / "repo").mkdir()
@@ -57,6 +76,7 @@ def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], t
         worker = subprocess.Popen([str(BIN / "prefect"), "worker", "start", "--pool", "local"], cwd=repo, env=env,
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
+        refused_quickly_naming_the_key(repo, env)
         overrides = json.dumps({"train.epochs": 3})
         watched = subprocess.run(
             [str(BIN / "prefect"), "deployment", "run", "kiln/local", "--param", f"overrides={overrides}", "--watch",

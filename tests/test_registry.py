@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -137,3 +139,31 @@ def test_failure_while_moving_aliases_restores_them(client: MlflowClient, tmp_pa
     with pytest.raises(ConnectionError):
         promote(FailingChampionAlias(f"sqlite:///{tmp_path / 'mlflow.db'}"), "m", better, GATE)
     assert aliases(client) == {"champion": "1", "challenger": "1"}
+
+
+class SlowClient(MlflowClient):
+    """A real client that takes half a second to fetch evidence and to move an alias, widening the window in which
+    two promotions can interleave."""
+
+    def download_artifacts(self, *args, **kwargs) -> str:
+        time.sleep(0.5)
+        return super().download_artifacts(*args, **kwargs)
+
+    def set_registered_model_alias(self, name: str, alias: str, version: str) -> None:
+        time.sleep(0.5)
+        super().set_registered_model_alias(name, alias, version)
+
+
+def test_two_promotions_at_once_end_where_the_decisions_say(client: MlflowClient, tmp_path: Path) -> None:
+    """v2 and v3 both beat champion v1, and v3 beats v2: whichever order they serialise in, v3 ends as champion, and
+    every logged decision was taken against the champion of its time."""
+    promote(client, "m", new_version(client, range(20)), GATE)
+    versions = new_version(client, range(10)), new_version(client, range(0))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with ThreadPoolExecutor(2) as pool:
+        decisions = list(pool.map(lambda version: promote(SlowClient(uri), "m", version, GATE), versions))
+    assert aliases(client)["champion"] == "3"
+    first, second = sorted(decisions, key=lambda decision: decision.champion_version)
+    assert first.champion_version == "1" and first.promoted
+    assert second.champion_version == first.version, "the second promotion was judged against a stale champion"
+    assert aliases(client)["challenger"] == second.version

@@ -3,13 +3,22 @@
 The gate pairs the test predictions each evaluate run logs (PREDICTIONS) with the champion's: the new version
 must beat it on the gate metric by the margin, and McNemar's test on the paired predictions must be significant
 in its favour. Everything is computed before any alias moves, so a failure leaves the aliases as they were.
+
+Two evaluate runs may promote at once. MLflow has no compare-and-set on aliases, so on a sqlite store a file lock
+beside the database makes judge-and-move one step; on a server store, `promote` re-reads the champion just before
+moving and judges again if it changed. What remains on a server: two promotions whose re-read and move fall within
+the same few milliseconds can both move `champion`; each run's `kiln.promotion_reason` tag names the champion it
+was compared with, so such a case shows in the records.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -129,15 +138,39 @@ def _move_aliases(client: MlflowClient, name: str, targets: dict[str, str]) -> N
         raise
 
 
+@contextmanager
+def registry_lock(client: MlflowClient) -> Iterator[None]:
+    """Hold an exclusive file lock beside a sqlite store's database (kiln keeps registry and tracking in one store);
+    a server store has none to hold."""
+    uri = client.tracking_uri
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    with open(uri.removeprefix("sqlite:///") + ".registry.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _champion(client: MlflowClient, name: str) -> str | None:
+    champion = client.get_registered_model(name).aliases.get(CHAMPION)
+    return None if champion is None else str(champion)
+
+
 def promote(client: MlflowClient, name: str, version: str, gate: Gate) -> Decision:
     """Alias `version` as challenger, and as champion if there is none or the gate passes; returns the decision."""
     version = str(version)
     new = _evidence(client, name, version, gate.metric)
-    champion = client.get_registered_model(name).aliases.get(CHAMPION)
-    if champion is None:
-        decision = Decision(version, True, "no champion yet", gate.metric, new[0], gate.margin, gate.alpha)
-    else:
-        champion = str(champion)
-        decision = _judge(gate, version, new, champion, _evidence(client, name, champion, gate.metric))
-    _move_aliases(client, name, {CHALLENGER: version, **({CHAMPION: version} if decision.promoted else {})})
+    with registry_lock(client):
+        while True:
+            champion = _champion(client, name)
+            if champion is None:
+                decision = Decision(version, True, "no champion yet", gate.metric, new[0], gate.margin, gate.alpha)
+            else:
+                decision = _judge(gate, version, new, champion, _evidence(client, name, champion, gate.metric))
+            if _champion(client, name) == champion:  # nobody moved it while we judged
+                break
+        _move_aliases(client, name, {CHALLENGER: version, **({CHAMPION: version} if decision.promoted else {})})
     return decision

@@ -1,0 +1,47 @@
+"""Faults and concurrency on the real tools: what a team meets running kiln every day finishes, or fails clearly,
+and loses nothing already produced."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from kiln.core.contract import stage_path
+from tests.conftest import BIN, TINY_PARAMS, copy_repo, repo_env, run
+
+pytestmark = pytest.mark.fault
+
+
+def wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float = 300) -> None:
+    """Until `text` appears in the file `process` writes its output to."""
+    deadline = time.monotonic() + timeout
+    while text not in path.read_text():
+        assert process.poll() is None, f"exited {process.returncode} before printing {text!r}:\n{path.read_text()}"
+        assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{path.read_text()}"
+        time.sleep(0.2)
+
+
+def test_a_second_dvc_repro_in_one_checkout_stops_at_once_and_the_first_finishes(
+        tmp_path: Path, ray_address: str) -> None:
+    repo = copy_repo(tmp_path / "repo", TINY_PARAMS)
+    log = tmp_path / "first.log"
+    with log.open("w") as out:
+        first = subprocess.Popen([str(BIN / "dvc"), "repro", "tune"], cwd=repo, env=repo_env(), stdout=out,
+                                 stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(log, "Running stage 'tune'", first)
+        started = time.monotonic()
+        second = run([str(BIN / "dvc"), "repro"], cwd=repo, check=False)
+        seconds = time.monotonic() - started
+        assert second.returncode != 0 and "Unable to acquire lock" in second.stderr + second.stdout
+        assert seconds < 15, f"the second dvc repro took {seconds:.0f} s to give up"
+        assert first.wait(timeout=600) == 0, log.read_text()
+    finally:
+        if first.poll() is None:
+            first.kill()
+    status = run([str(BIN / "dvc"), "status", "tune"], cwd=repo).stdout
+    assert "up to date" in status, f"the first run's outputs are not what dvc.lock records:\n{status}"
+    assert (repo / stage_path("tune", "best_config")).is_file()
