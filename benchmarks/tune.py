@@ -2,8 +2,9 @@
 seeds, each strategy the real tune stage (its dvc.yaml command) on the same prepared data, model, subset size and
 epoch budget per trial.
 
-    python -m benchmarks.tune            # ~35 min on 2 CPU cores; writes benchmarks/results/tune.json and the
-                                         # tune table in docs/benchmarks.md
+    python -m benchmarks.tune                     # ~36 min on 2 CPU cores; writes benchmarks/results/tune.json
+                                                  # and the tune table in docs/benchmarks.md
+    python -m benchmarks.tune --also random_asha  # and an alternative cheap search beside the stock one
 
 A seed is `tune.seed`: it draws the trials' training subset and seeds the search and the scheduler, so one seed is a
 fresh draw of the whole experiment. Grid and random search run the same number of full-length trials; a cheap
@@ -19,7 +20,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -31,25 +32,27 @@ ROOT = Path(__file__).resolve().parents[1]
 GRID = {"lr": [0.02, 0.05, 0.12, 0.3], "momentum": [0.8, 0.9], "weight_decay": [5e-5, 2.2e-4, 1e-3]}  # spans stock
 GRID_SIZE = len(GRID["lr"]) * len(GRID["momentum"]) * len(GRID["weight_decay"])
 BASELINES = ("grid", "random")
-CHEAP = {  # name -> tune-section overrides on top of the stock search space; `stock` adds params.yaml's own search
+ALTERNATIVES = {  # cheap searches to compare with the stock one (`--also NAME`); each costs ~2 min per seed
     "random_asha": {"search": "random", "scheduler": "asha", "grace_period": 1, "reduction_factor": 3},
+    "tpe_asha_grace2": {"search": "tpe", "scheduler": "asha", "grace_period": 2, "reduction_factor": 3},
 }
 SEARCH_KEYS = ("search", "scheduler", "grace_period", "reduction_factor")
 
 
-def strategies(stock: dict[str, Any], cheap_trials: int) -> dict[str, dict[str, Any]]:
-    """tune-section overrides of each strategy."""
+def strategies(stock: dict[str, Any], cheap_trials: int, also: list[str]) -> dict[str, dict[str, Any]]:
+    """tune-section overrides of each strategy: the baselines, the stock search and the `also` alternatives."""
     grid_space = {key: {"type": "grid", "values": values} for key, values in GRID.items()}
     return {"grid": {"search": "grid", "scheduler": "fifo", "num_samples": 1, "search_space": grid_space},
             "random": {"search": "random", "scheduler": "fifo", "num_samples": GRID_SIZE},
             "stock": {**{key: stock[key] for key in SEARCH_KEYS}, "num_samples": cheap_trials},
-            **{name: {**overrides, "num_samples": cheap_trials} for name, overrides in CHEAP.items()}}
+            **{name: {**ALTERNATIVES[name], "num_samples": cheap_trials} for name in also}}
 
 
-def run_seed(seed: int, base: dict[str, Any], prepared: Path, work: Path, cheap_trials: int) -> dict[str, Any]:
+def run_seed(seed: int, base: dict[str, Any], prepared: Path, work: Path, cheap_trials: int,
+             also: list[str]) -> dict[str, Any]:
     """Every strategy on one seed: best validation accuracy, trials, trial-epochs and wall seconds of each."""
     figures = {}
-    for name, overrides in strategies(base["tune"], cheap_trials).items():
+    for name, overrides in strategies(base["tune"], cheap_trials, also).items():
         params = apply_overrides(base, {"tune.seed": seed, **{f"tune.{k}": v for k, v in overrides.items()}})
         out = work / f"seed{seed}" / name
         seconds = run_stage("tune", params, {"data": prepared, "best_config": out / "best.json", "reports": out}, work)
@@ -75,8 +78,16 @@ def cell(stats: dict[str, float] | None, form: str = ".4g") -> str:
     return "" if stats is None else f"{stats['median']:{form}} ({stats['min']:{form}} to {stats['max']:{form}})"
 
 
-def main(seeds: int = 3, train_samples: int = 3000, epochs: int = 5, cheap_trials: int = 12) -> None:
+ALSO_HELP = f"an alternative cheap search to run too (repeatable): {', '.join(ALTERNATIVES)}"
+
+
+def main(seeds: int = 3, train_samples: int = 2000, epochs: int = 5, cheap_trials: int = 12,
+         also: Annotated[list[str] | None, typer.Option(help=ALSO_HELP)] = None) -> None:
     """Run every strategy on `seeds` seeds and record their medians and ranges."""
+    also = also or []
+    unknown = sorted(set(also) - ALTERNATIVES.keys())
+    if unknown:
+        raise typer.BadParameter(f"--also {unknown}: not one of {sorted(ALTERNATIVES)}")
     code, started = measured_code("tune"), time.perf_counter()
     stock = read_raw_params(ROOT / "params.yaml")
     base = apply_overrides(stock, {"tune.epochs": epochs, "tune.max_train_samples": train_samples,
@@ -87,7 +98,7 @@ def main(seeds: int = 3, train_samples: int = 3000, epochs: int = 5, cheap_trial
     base = apply_overrides(base, {"train.storage_path": str(work / "ray_results")})
     prepared = work / "prepared"
     run_stage("prepare", base, {"out": prepared}, work)
-    per_seed = {seed: run_seed(seed, base, prepared, work, cheap_trials) for seed in range(seeds)}
+    per_seed = {seed: run_seed(seed, base, prepared, work, cheap_trials, also) for seed in range(seeds)}
     names = list(per_seed[0])
     summary = {name: {key: spread([per_seed[seed][name][key] for seed in per_seed])
                       for key in per_seed[0][name]} for name in names}
