@@ -40,25 +40,45 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> I
     stop(server)
 
 
+def send(repo: Path, env: dict[str, str], overrides: dict, watch: bool) -> str:
+    """`prefect deployment run 'kiln/local'` with `overrides`, watched to its end or not; returns the flow run id."""
+    watching = ["--watch", "--watch-timeout", "800"] if watch else []
+    sent = subprocess.run([str(BIN / "prefect"), "deployment", "run", "kiln/local", "--param",
+                           f"overrides={json.dumps(overrides)}", *watching],
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    return re.search(r"UUID: ([0-9a-f-]{36})", sent.stdout).group(1)
+
+
+def flow_run(env: dict[str, str], run_id: str) -> dict:
+    with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def interval(run: dict) -> tuple[datetime, datetime]:
+    return datetime.fromisoformat(run["start_time"]), datetime.fromisoformat(run["end_time"])
+
+
+def experiment_of(run: dict) -> str:
+    """The DVC experiment a flow run records: named after the flow run (flows/pipeline.py)."""
+    return f"{run['name']}-{run['id'][:8]}"
+
+
 def refused_quickly_naming_the_key(repo: Path, env: dict[str, str]) -> None:
     """A bad override sent through `prefect deployment run` fails the flow run within 5 s of its start, its state
     message naming the key; params.yaml stays as it was."""
     params = (repo / "params.yaml").read_bytes()
-    sent = subprocess.run([str(BIN / "prefect"), "deployment", "run", "kiln/local", "--param",
-                           'overrides={"train.lr": -1}', "--watch", "--watch-timeout", "300"],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=400)
-    run_id = re.search(r"UUID: ([0-9a-f-]{36})", sent.stdout).group(1)
-    with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/flow_runs/{run_id}", timeout=10) as response:
-        flow_run = json.loads(response.read())
-    assert flow_run["state"]["type"] == "FAILED", flow_run["state"]
-    assert "train.lr" in flow_run["state"]["message"], flow_run["state"]["message"]
-    started, ended = (datetime.fromisoformat(flow_run[key]) for key in ("start_time", "end_time"))
+    refused = flow_run(env, send(repo, env, {"train.lr": -1}, watch=True))
+    assert refused["state"]["type"] == "FAILED", refused["state"]
+    assert "train.lr" in refused["state"]["message"], refused["state"]["message"]
+    started, ended = interval(refused)
     assert (ended - started).total_seconds() < 5, f"failed {ended - started} after the flow started"
     assert (repo / "params.yaml").read_bytes() == params
 
 
 def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], tmp_path: Path,
                                                   ray_address: str) -> None:
+    """A run end to end; then two runs sent at once queue on the deployment's concurrency limit (one checkout, one
+    DVC cache and MLflow store) instead of interleaving, and each records what it would alone."""
     (tmp_path / "repo").mkdir()
     repo = copy_repo(tmp_path / "repo", TINY_PARAMS)
     env = {**prefect_env, "PWD": str(repo)}
@@ -77,16 +97,26 @@ def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], t
                                   stdout=log, stderr=subprocess.STDOUT)
     try:
         refused_quickly_naming_the_key(repo, env)
-        overrides = json.dumps({"train.epochs": 3})
-        watched = subprocess.run(
-            [str(BIN / "prefect"), "deployment", "run", "kiln/local", "--param", f"overrides={overrides}", "--watch",
-             "--watch-timeout", "800"], cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+        first = flow_run(env, send(repo, env, {"train.epochs": 3}, watch=True))
+        assert first["state"]["type"] == "COMPLETED", worker_log.read_text()[-8000:]
+        pair = [send(repo, env, {"train.epochs": 3}, watch=False) for _ in range(2)]
+        deadline = time.monotonic() + 600
+        while not all(flow_run(env, run_id)["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+                      for run_id in pair):
+            assert time.monotonic() < deadline, "two queued runs did not finish within 600 s"
+            time.sleep(2)
+        pair_runs = [flow_run(env, run_id) for run_id in pair]
     finally:
         stop(worker)
-    assert "Completed" in watched.stdout, worker_log.read_text()[-8000:]
+    assert [run["state"]["type"] for run in pair_runs] == ["COMPLETED", "COMPLETED"], worker_log.read_text()[-8000:]
+    (a_start, a_end), (b_start, b_end) = sorted(interval(run) for run in pair_runs)
+    assert a_end <= b_start, "two runs of the local deployment overlapped in one checkout"
     assert run(["git", "status", "--porcelain"], cwd=repo).stdout == "", "the deployment's checkout is not edited"
-    (experiment,) = run(["dvc", "exp", "list", "--name-only"], cwd=repo).stdout.split()
-    run(["dvc", "exp", "apply", experiment], cwd=repo)  # the run's outputs, from the shared cache
+    locks = {}
+    for recorded in (first, *pair_runs):
+        run(["dvc", "exp", "apply", experiment_of(recorded)], cwd=repo)  # the run's outputs, from the shared cache
+        locks[recorded["id"]] = (repo / "dvc.lock").read_text()
+    assert len(set(locks.values())) == 1, "a queued run recorded other outputs than the run alone"
     assert (repo / "models/model_int8.onnx").is_file()
     assert json.loads((repo / "reports/train/metrics.json").read_text())["epoch"] == 3
     assert "up to date" in run(["dvc", "status"], cwd=repo).stdout
