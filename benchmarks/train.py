@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
-import platform
 import shutil
 import statistics
 import tempfile
@@ -26,10 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 import typer
 
-from benchmarks.report import measured_code, write_results, write_section
+from benchmarks.report import machine, measured_code, write_results, write_section
 from benchmarks.stages import run_stage
 from kiln.core.contract import stage_path
 from kiln.core.models import build_model, load_trained_model, model_spec
@@ -125,8 +123,7 @@ def main(samples: int = 12000, epochs: int = 2, rounds: int = 3) -> None:
         "two_vs_one_worker_throughput_ratio": round(speed["ray_2_workers"] / speed["ray_1_worker"], 4),
         "fashion_mnist_test_accuracy": round(stock["test_accuracy"], 4),
         "train_wall_seconds": round(stock["wall_seconds"], 1),
-        "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), no GPU, "
-                   f"torch {torch.__version__}, Ray {ray.__version__} local",
+        "machine": f"{machine()}, Ray {ray.__version__} local, no GPU",
         "images_per_second": {name: round(value, 1) for name, value in speed.items() if name != "runs"},
         "images_per_second_runs": speed["runs"],
         "stock": {**stock, "model": params.train.model, "schedule": params.train.schedule,
