@@ -5,7 +5,7 @@ must beat it on the gate metric by the margin, and McNemar's test on the paired 
 in its favour. Everything is computed before any alias moves, so a failure leaves the aliases as they were.
 
 Two evaluate runs may promote at once. MLflow has no compare-and-set on aliases, so on a sqlite store a file lock
-beside the database makes judge-and-move one step; on a server store, `promote` re-reads the champion just before
+for the database makes judge-and-move one step; on a server store, `promote` re-reads the champion just before
 moving and judges again if it changed. What remains on a server: two promotions whose re-read and move fall within
 the same few milliseconds can both move `champion`; each run's `kiln.promotion_reason` tag names the champion it
 was compared with, so such a case shows in the records.
@@ -140,13 +140,15 @@ def _move_aliases(client: MlflowClient, name: str, targets: dict[str, str]) -> N
 
 @contextmanager
 def registry_lock(client: MlflowClient) -> Iterator[None]:
-    """Hold an exclusive file lock beside a sqlite store's database (kiln keeps registry and tracking in one store);
-    a server store has none to hold."""
+    """Hold an exclusive file lock for a sqlite store's database (kiln keeps registry and tracking in one store), in
+    the temp folder (a sqlite store serves one machine) so the checkout gains no file; a server store has none."""
     uri = client.tracking_uri
     if not uri.startswith("sqlite:///"):
         yield
         return
-    with open(uri.removeprefix("sqlite:///") + ".registry.lock", "a") as handle:
+    database = Path(uri.removeprefix("sqlite:///")).resolve()
+    name = f"kiln-registry-{hashlib.sha256(str(database).encode()).hexdigest()[:16]}.lock"
+    with open(Path(tempfile.gettempdir()) / name, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
