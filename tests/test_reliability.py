@@ -12,7 +12,7 @@ import pytest
 from kiln.core.contract import stage_path
 from tests.conftest import BIN, TINY_PARAMS, copy_repo, repo_env, run
 
-pytestmark = pytest.mark.fault
+pytestmark = [pytest.mark.fault, pytest.mark.slow]  # real runs on the session stack: out of the quick loop
 
 
 def wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float = 300) -> None:
