@@ -5,16 +5,17 @@ from __future__ import annotations
 import ast
 import os
 import platform
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 import torch
+import yaml
 
-from kiln.core.codebase import closure, combined_hash, file_hashes, stage_files
+from kiln.core.codebase import closure, combined_hash, data_digest, file_hashes, stage_files
 from kiln.core.files import atomic_path, write_json
+from kiln.core.tracking import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -42,23 +43,42 @@ def stages_run(benchmark: Path) -> set[str]:
             and node.args and isinstance(node.args[0], ast.Constant)}
 
 
+def upstream(stages: set[str], root: Path) -> set[str]:
+    """`stages` and every stage whose outputs they depend on, transitively, as dvc.yaml wires them."""
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    producer = {str(out if isinstance(out, str) else next(iter(out))): name
+                for name, stage in pipeline.items() for out in stage.get("outs", [])}
+    found, todo = set(), list(stages)
+    while todo:
+        stage = todo.pop()
+        if stage not in found:
+            found.add(stage)
+            todo.extend(producer[dep] for dep in pipeline[stage].get("deps", []) if dep in producer)
+    return found
+
+
+def params_hashes(stages: set[str], root: Path) -> dict[str, str]:
+    """A hash per params.yaml section that `stages` or the stages upstream of them read (dvc.yaml's `params`, a
+    dotted key counting as its whole section), keyed `params.yaml:SECTION`."""
+    pipeline = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    sections = {key.split(".")[0] for stage in upstream(stages, root) for key in pipeline[stage].get("params", [])}
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    return {f"params.yaml:{section}": data_digest(params[section]) for section in sections}
+
+
 def measured_code(name: str, root: Path = ROOT) -> dict[str, str]:
     """Hashes of what benchmark `name`'s figures depend on: the project modules it imports, those of the stages it
-    runs, and params.yaml (its defaults)."""
+    runs, and the params.yaml sections those stages and their upstream stages read (their stock values)."""
     benchmark = root / "benchmarks" / f"{name}.py"
-    files = closure([benchmark], root).union(*(stage_files(stage, root) for stage in stages_run(benchmark)))
-    return file_hashes(files | {Path("params.yaml")}, root)
-
-
-def head_commit() -> str | None:
-    found = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False)
-    return found.stdout.strip() or None
+    stages = stages_run(benchmark)
+    files = closure([benchmark], root).union(*(stage_files(stage, root) for stage in stages))
+    return {**file_hashes(files, root), **params_hashes(stages, root)}
 
 
 def write_results(name: str, results: dict[str, Any], code: dict[str, str]) -> None:
     """Write benchmarks/results/NAME.json, stamped with the commit and the hashes of the code it measured (`code`,
     taken from `measured_code(name)` when the benchmark started, so edits made while it ran make it stale)."""
-    stamp = {"commit": head_commit(), "code_hash": combined_hash(code), "code_files": code}
+    stamp = {"commit": git_commit(), "code_hash": combined_hash(code), "code_files": code}
     write_json(ROOT / "benchmarks" / "results" / f"{name}.json", {**results, **stamp})
 
 

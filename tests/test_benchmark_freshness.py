@@ -35,10 +35,11 @@ def test_committed_results_describe_the_current_code(results_file: Path) -> None
                          f"re-run `python -m benchmarks.{name}` and commit its results")
 
 
-def test_an_edit_stales_only_the_benchmarks_that_import_it(tmp_path: Path) -> None:
+def test_an_edit_stales_only_the_benchmarks_that_depend_on_it(tmp_path: Path) -> None:
     for folder in ("kiln", "tasks", "benchmarks"):
         shutil.copytree(REPO / folder, tmp_path / folder, ignore=shutil.ignore_patterns("__pycache__", "results"))
-    shutil.copy(REPO / "params.yaml", tmp_path)
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy(REPO / name, tmp_path)
     before = {name: measured_code(name, tmp_path) for name in ("tune", "int8_architectures")}
     search = tmp_path / "kiln" / "tune" / "search.py"
     search.write_text(search.read_text().replace('"""', '"""A docstring edit. ', 1) + "\n# a comment\n")
@@ -46,7 +47,12 @@ def test_an_edit_stales_only_the_benchmarks_that_import_it(tmp_path: Path) -> No
     search.write_text(search.read_text() + "\nEXTRA = 1\n")
     assert stale_files({"code_files": before["tune"]}, tmp_path, "tune") == ["kiln/tune/search.py"]
     assert stale_files({"code_files": before["int8_architectures"]}, tmp_path, "int8_architectures") == []
-    (tmp_path / "params.yaml").write_text((tmp_path / "params.yaml").read_text() + "\n# a comment\n")
+    params = tmp_path / "params.yaml"
+    params.write_text(params.read_text() + "\n# a comment\n")
+    assert stale_files({"code_files": before["tune"]}, tmp_path, "tune") == ["kiln/tune/search.py"]
+    params.write_text(params.read_text().replace("calibration_samples: 512", "calibration_samples: 256"))
+    assert stale_files({"code_files": before["tune"]}, tmp_path, "tune") == ["kiln/tune/search.py"]
+    params.write_text(params.read_text().replace("seed: 42", "seed: 43", 1))
+    assert stale_files({"code_files": before["tune"]}, tmp_path, "tune") == ["kiln/tune/search.py",
+                                                                              "params.yaml:prepare"]
     assert stale_files({"code_files": before["int8_architectures"]}, tmp_path, "int8_architectures") == []
-    (tmp_path / "params.yaml").write_text((tmp_path / "params.yaml").read_text().replace("seed: 42", "seed: 43", 1))
-    assert stale_files({"code_files": before["int8_architectures"]}, tmp_path, "int8_architectures") == ["params.yaml"]

@@ -9,8 +9,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import yaml
-
 PACKAGES = ("kiln", "tasks", "flows", "benchmarks")  # the project's own top-level packages
 STAGE_ENTRY = ("tasks/__main__.py", "tasks/stages.py")  # what `python -m tasks STAGE` runs before the stage module
 
@@ -67,10 +65,8 @@ def stage_files(stage: str, root: Path) -> set[Path]:
 
 
 def meaning(file: Path) -> str:
-    """What a file says, without what cannot change behaviour: a Python module's syntax tree without docstrings,
-    comments and layout; a YAML file's data without comments."""
-    if file.suffix in (".yaml", ".yml"):
-        return json.dumps(yaml.safe_load(file.read_text()), sort_keys=True)
+    """What a Python module says, without what cannot change behaviour: its syntax tree without docstrings, comments
+    and layout."""
     tree = ast.parse(file.read_text())
     for node in ast.walk(tree):
         body = getattr(node, "body", None)
@@ -80,9 +76,19 @@ def meaning(file: Path) -> str:
     return ast.dump(tree)
 
 
+def digest(text: str) -> str:
+    """sha256 of `text`, first 12 hex digits."""
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def data_digest(data: object) -> str:
+    """The digest of JSON-able `data` (a YAML section), independent of key order."""
+    return digest(json.dumps(data, sort_keys=True))
+
+
 def file_hashes(files: set[Path], root: Path) -> dict[str, str]:
-    """Each file's meaning hashed (sha256, first 12 hex digits), by path relative to `root`, sorted."""
-    return {str(path): hashlib.sha256(meaning(root / path).encode()).hexdigest()[:12] for path in sorted(files)}
+    """Each module's meaning digested, by path relative to `root`, sorted."""
+    return {str(path): digest(meaning(root / path)) for path in sorted(files)}
 
 
 def combined_hash(hashes: dict[str, str]) -> str:
