@@ -50,11 +50,13 @@ def run(params: Params, data: Path, model: Path, deployable: Path, selection: Pa
     x_test, y_test = load_split(data, "test")
     images = to_float(x_test)
     fp32_model, saved = load_trained_model(str(model))
+    deployable_logits = onnx_logits(deployable)  # a corrupt file fails here, before any work
+    use_experiment(params.tracking.experiment)  # so does a tracking server that is down
     variant = read_json(selection)["selected_variant"]
     subset = stratified_head(y_test, settings.robustness_samples, settings.seed)
     sets = perturbed_sets(fp32_model, images[subset], y_test[subset], settings, source="fp32", seed=settings.seed)
     candidates = [Candidate("baseline", "fp32", model, "white-box", torch_logits(fp32_model)),
-                  Candidate("deployable", variant, deployable, "transfer-from-fp32", onnx_logits(deployable))]
+                  Candidate("deployable", variant, deployable, "transfer-from-fp32", deployable_logits)]
     models = evaluate_candidates(candidates, images, y_test, classes, settings.calibration_bins, sets,
                                  y_test[subset], params.latency)
     summary = summary_metrics(models)
@@ -78,7 +80,6 @@ def run(params: Params, data: Path, model: Path, deployable: Path, selection: Pa
 def log_and_register(params: Params, models: dict[str, Evaluated], fp32_model: nn.Module, lineage: dict[str, str],
                      out: dict[str, Path], x_test: np.ndarray, y_test: np.ndarray, classes: list[str]) -> Decision:
     """The parent run and a child run per model; the deployable registered, then the gate moves the aliases."""
-    use_experiment(params.tracking.experiment)
     baseline, deployable = models["baseline"], models["deployable"]
     example = to_float(x_test[:EXAMPLE_ROWS])
     variant = deployable.candidate.variant

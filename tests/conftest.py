@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import shutil
 import socket
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from kiln.core.contract import stages
 from kiln.core.models import build_model
 from kiln.core.params import validate_params
 from kiln.platform.stack import Stack, StackSettings, down, up
@@ -116,6 +118,15 @@ def stop(process: subprocess.Popen, grace: float = 30) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def stage_command(stage: str, paths: dict[str, Path]) -> list[str]:
+    """dvc.yaml's command line for `stage`, every --ROLE pointing at `paths[ROLE]`."""
+    command = shlex.split(stages(REPO)[stage].cmd)[1:]
+    for index, word in enumerate(command):
+        if word.startswith("--"):
+            command[index + 1] = str(paths[word[2:].replace("-", "_")])
+    return [sys.executable, *command, "--params", str(paths["params"])]
 
 
 STACK_URLS = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")  # tests keep their own stores unless they ask for these

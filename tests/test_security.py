@@ -14,7 +14,7 @@ import ray.train
 import torch
 import yaml
 
-from kiln.core.errors import InputError
+from kiln.core.errors import CorruptFile, InputError
 from kiln.core.models import initial_state, load_trained_model
 from kiln.train.checkpoint import STATE_FILE, load
 
@@ -40,12 +40,12 @@ def planted(path: Path, marker: Path) -> Path:
 
 def test_pickled_code_in_weights_models_and_checkpoints_is_refused_unrun(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
-    with pytest.raises((pickle.UnpicklingError, InputError)):
+    with pytest.raises(InputError, match="train.weights: .*refused, it holds pickled code"):
         initial_state(planted(tmp_path / "weights.pt", marker), SPEC)  # train.weights
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CorruptFile, match="refused, it holds pickled code"):
         load_trained_model(str(planted(tmp_path / "model.pt", marker)))  # models/model.pt, compress and evaluate
     planted(tmp_path / STATE_FILE, marker)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CorruptFile, match="refused, it holds pickled code"):
         load(ray.train.Checkpoint.from_directory(str(tmp_path)))  # an epoch checkpoint a run resumes from
     assert not marker.exists()
     with open(tmp_path / "plain.pkl", "wb") as handle:  # the payload is live: plain unpickling runs it

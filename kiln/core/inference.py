@@ -14,6 +14,8 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from kiln.core.errors import reading
+
 Logits = Callable[[np.ndarray], np.ndarray]  # float32 NCHW pixels in [0, 1] -> logits
 INPUT, OUTPUT = "pixels", "logits"  # the names of an exported model's input and output
 BATCH = 256  # images per call when scoring a whole split: amortises per-call overhead; results do not depend on it
@@ -41,7 +43,8 @@ def session_options() -> ort.SessionOptions:
 
 def onnx_logits(path: Path) -> Logits:
     """Inference through an ONNX Runtime CPU session opened once."""
-    session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    with reading(path, "re-run `dvc repro compress` (or `dvc checkout` it) to write it again"):
+        session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     return lambda images: session.run([OUTPUT], {INPUT: images})[0]
 
 

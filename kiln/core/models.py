@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from kiln.core.errors import InputError
+from kiln.core.errors import InputError, reading
 from kiln.core.params import MODELS, TORCHVISION_PREFIX
 
 PLAIN_CNNS = ("lenet", "compact")
@@ -205,7 +205,8 @@ def model_spec(name: str, manifest: dict[str, Any], dropout: float) -> dict[str,
 def load_weights(model: nn.Module, path: Path) -> list[str]:
     """Start from a local state_dict (of the network, or of the whole model); tensors whose shape differs (an adapted
     stem or head) keep their fresh initialisation. Returns the names of the skipped tensors."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
+    with reading(path, "point train.weights at a state_dict saved with torch.save"):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
     saved = saved.get("state_dict", saved)
     target = model[1].state_dict()
     saved = {key.removeprefix("1."): value for key, value in saved.items()}
@@ -237,7 +238,8 @@ def save_trained_model(path: str, model: nn.Module, spec: dict, extra: dict) -> 
 
 def load_trained_model(path: str) -> tuple[nn.Module, dict]:
     """Rebuild a model saved by `save_trained_model`; returns (model in eval mode, the saved dict)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    model = build_model(**saved["spec"])
-    model.load_state_dict(saved["state_dict"])
+    with reading(path, "re-run `dvc repro train` (or `dvc checkout models/model.pt`) to write it again"):
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        model = build_model(**saved["spec"])
+        model.load_state_dict(saved["state_dict"])
     return model.eval(), saved

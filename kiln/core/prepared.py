@@ -11,10 +11,12 @@ from typing import Any
 
 import numpy as np
 
+from kiln.core.errors import reading
 from kiln.core.files import read_json
 
 SPLITS = ("train", "val", "test")
 MANIFEST = "manifest.json"
+REMAKE = "run `dvc repro prepare` (or `dvc checkout data/prepared`) to write it again"
 
 
 def split_file(prepared_dir: Path | str, split: str) -> Path:
@@ -32,7 +34,7 @@ def load_split(prepared_dir: Path | str, split: str) -> tuple[np.ndarray, np.nda
     path = split_file(prepared_dir, split)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: prepared split missing; run the prepare stage (dvc repro prepare)")
-    with np.load(path) as arrays:
+    with reading(path, REMAKE), np.load(path) as arrays:
         return arrays["x"], arrays["y"]
 
 
@@ -41,7 +43,8 @@ def read_manifest(prepared_dir: Path | str) -> dict[str, Any]:
     path = Path(prepared_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path}: manifest missing; run the prepare stage (dvc repro prepare)")
-    return read_json(path)
+    with reading(path, REMAKE):
+        return read_json(path)
 
 
 def to_float(images: np.ndarray) -> np.ndarray:

@@ -8,6 +8,7 @@ from pathlib import Path
 import ray
 
 from kiln.core.errors import InputError
+from kiln.core.tracking import HTTP_RETRIES
 
 
 def connect() -> None:
@@ -16,10 +17,13 @@ def connect() -> None:
         return
     # Ray's own INFO lines (one per reported result on every Train worker) would bury kiln's progress lines.
     quiet = ray.LoggingConfig(log_level="WARNING")
+    # Workers log to MLflow too: the same HTTP retries as this process (the environment's values win).
+    retries = {"env_vars": {key: os.environ.get(key, value) for key, value in HTTP_RETRIES.items()}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True, logging_config=quiet)
+        ray.init(log_to_driver=True, logging_config=quiet, runtime_env=retries)
     else:  # a new local instance, even when `ray start` left a cluster running on this machine
-        ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_config=quiet)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_config=quiet,
+                 runtime_env=retries)
 
 
 def require_cpus(needed: float, what: str) -> None:

@@ -12,6 +12,7 @@ import ray.train
 import torch
 from torch import nn
 
+from kiln.core.errors import reading
 from kiln.train.loop import EarlyStopping, Progress, unwrap
 
 STATE_FILE = "state.pt"
@@ -47,5 +48,6 @@ def save(folder: str, state: dict[str, Any]) -> str:
 
 def load(checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
     """The state a kiln checkpoint holds."""
-    with checkpoint.as_directory() as folder:
+    with checkpoint.as_directory() as folder, reading(
+            Path(checkpoint.path) / STATE_FILE, f"delete {checkpoint.path} (or its run folder) to train from scratch"):
         return torch.load(Path(folder) / STATE_FILE, map_location="cpu", weights_only=True)

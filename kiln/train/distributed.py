@@ -16,6 +16,7 @@ import torch.distributed as dist
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 from torch.utils.data import DataLoader, DistributedSampler
 
+from kiln.core.errors import InputError
 from kiln.core.models import build_model
 from kiln.train.checkpoint import load, restore, save, training_state
 from kiln.train.loop import VAL_BATCH, EarlyStopping, Hooks, Progress, run_epochs
@@ -154,4 +155,8 @@ def fit(worker: Callable[[dict[str, Any]], None], config: dict[str, Any], num_wo
             worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
         ),
     )
-    return load(trainer.fit().checkpoint)
+    try:
+        return load(trainer.fit().checkpoint)
+    except ray.train.WorkerGroupError as failure:  # a worker's input error (a corrupt checkpoint) is the user's to fix
+        causes = [getattr(error, "cause", error) for error in failure.worker_failures.values()]
+        raise next((cause for cause in causes if isinstance(cause, InputError)), failure) from None

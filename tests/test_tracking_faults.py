@@ -1,0 +1,93 @@
+"""The tracking server fails: a stage facing a server that is down stops within a minute naming it, and a training
+run survives the server restarting under it, every epoch's metrics logged."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from kiln.platform.servers import mlflow_ready
+from tests.conftest import BIN, REPO, TINY_PARAMS, free_port, repo_env, stage_command
+from tests.test_reliability import wait_for
+
+pytestmark = [pytest.mark.fault, pytest.mark.slow]
+EPOCHS = 30  # long enough for the server to go down and come back while epochs run
+
+
+def start_server(folder: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on `folder`'s sqlite store, in a session of its own; returns once /health answers."""
+    server = subprocess.Popen(
+        [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "art")],
+        cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not mlflow_ready(f"http://127.0.0.1:{port}"):
+        assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+        time.sleep(0.5)
+    return server
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
+
+
+@contextmanager
+def train_inputs(tmp_path: Path, prepared: Path, port: int) -> Iterator[tuple[list[str], dict[str, str], Path]]:
+    """The train stage's command on `prepared` (EPOCHS epochs, no tuned values), its environment pointing MLflow at
+    port `port`, and where the model goes."""
+    params = {**TINY_PARAMS, "train": {**TINY_PARAMS["train"], "epochs": EPOCHS, "use_tuned": False,
+                                       "storage_path": str(tmp_path / "ray_results")}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    paths = {"data": prepared, "best_config": tmp_path / "best.json", "model": tmp_path / "model.pt",
+             "reports": tmp_path / "reports", "params": tmp_path / "params.yaml"}
+    yield stage_command("train", paths), {**repo_env(), "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}",
+                                          "PYTHONUNBUFFERED": "1"}, paths["model"]
+
+
+def test_a_stage_stops_within_a_minute_naming_a_tracking_server_that_is_down(
+        tmp_path: Path, prepared: Path, ray_address: str) -> None:
+    port = free_port()
+    stop_server(start_server(tmp_path, port))
+    with train_inputs(tmp_path, prepared, port) as (command, env, model):
+        started = time.monotonic()
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and time.monotonic() - started < 60, result.stderr
+    assert len(lines) == 1 and f"http://127.0.0.1:{port}" in lines[0] and "does not answer" in lines[0], lines
+    assert not model.exists()
+
+
+def test_training_rides_out_a_tracking_server_restart_and_logs_every_epoch(
+        tmp_path: Path, prepared: Path, ray_address: str) -> None:
+    port = free_port()
+    server = start_server(tmp_path, port)
+    log = tmp_path / "train.log"
+    with train_inputs(tmp_path, prepared, port) as (command, env, model), log.open("w") as out:
+        stage = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_for(log, "train: epoch 2/", stage)
+            stop_server(server)
+            time.sleep(10)
+            server = start_server(tmp_path, port)
+            assert stage.wait(timeout=600) == 0, log.read_text()[-4000:]
+            assert "train: epoch 2/" in log.read_text() and f"train: epoch {EPOCHS}/{EPOCHS}" in log.read_text()
+            client = MlflowClient(f"http://127.0.0.1:{port}")
+            (run,) = client.search_runs([client.get_experiment_by_name("kiln").experiment_id],
+                                        "tags.`kiln.stage` = 'train'")
+            steps = [metric.step for metric in client.get_metric_history(run.info.run_id, "val_accuracy")]
+            assert sorted(steps) == list(range(1, EPOCHS + 1)), f"epochs logged: {sorted(steps)}"
+            assert run.info.status == "FINISHED" and model.is_file()
+        finally:
+            if stage.poll() is None:
+                stage.kill()
+            stop_server(server)
