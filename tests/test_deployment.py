@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
+import psutil
 import pytest
 
-from tests.conftest import BIN, TINY_PARAMS, copy_repo, free_port, repo_env, run, stop
+from tests.conftest import BIN, TINY_PARAMS, alive, copy_repo, free_port, repo_env, run, stop
 
 pytestmark = pytest.mark.slow
+KILLED_EPOCHS = 30  # long enough to kill the flow run while its train stage runs
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +77,50 @@ def refused_quickly_naming_the_key(repo: Path, env: dict[str, str]) -> None:
     assert (repo / "params.yaml").read_bytes() == params
 
 
+def stage_statuses(repo: Path, env: dict[str, str], run_id: str) -> dict[str, str]:
+    """What each stage did in flow run `run_id`, from the run report it published (flows/pipeline.py)."""
+    inspected = subprocess.run([str(BIN / "prefect"), "artifact", "inspect", "kiln-run-report", "--output", "json"],
+                               cwd=repo, env=env, capture_output=True, text=True, timeout=60, check=True)
+    (report,) = [item["data"] for item in json.loads(inspected.stdout) if item["flow_run_id"] == run_id]
+    return {row[0]: row[1] for line in report.splitlines()[2:] if len(row := [cell.strip() for cell in
+                                                                            line.strip("|").split("|")]) > 1}
+
+
+def killed_while_training_then_sent_again(repo: Path, env: dict[str, str], worker_log: Path) -> None:
+    """SIGKILL a flow run's process while its train stage runs: the run shows as crashed, nothing it started runs
+    on, DVC's locks are free, and sending the same run again redoes only the stages that had not finished."""
+    overrides = {"train.epochs": KILLED_EPOCHS}
+    run_id = send(repo, env, overrides, watch=False)
+    deadline = time.monotonic() + 600
+    while f"train: epoch 2/{KILLED_EPOCHS}" not in worker_log.read_text():
+        assert flow_run(env, run_id)["state"]["type"] in ("SCHEDULED", "PENDING", "RUNNING"), worker_log.read_text()
+        assert time.monotonic() < deadline, "the train stage did not start within 600 s"
+        time.sleep(0.5)
+    flow_process = psutil.Process(int(flow_run(env, run_id)["infrastructure_pid"]))
+    started = flow_process.children(recursive=True)
+    assert any("tasks" in process.cmdline() and "train" in process.cmdline() for process in started)
+    workspace = next(Path(process.cwd()) for process in started if "repro" in process.cmdline())
+    flow_process.kill()
+    deadline = time.monotonic() + 60
+    while (state := flow_run(env, run_id)["state"])["type"] != "CRASHED":
+        assert time.monotonic() < deadline, f"killed flow run is {state['type']}, not CRASHED"
+        time.sleep(1)
+    deadline = time.monotonic() + 30
+    while orphans := [" ".join(process.cmdline()) for process in started if alive(process.pid)]:
+        assert time.monotonic() < deadline, f"still running 30 s after their flow run was killed: {orphans}"
+        time.sleep(0.5)
+    run(["dvc", "repro", "--single-item", "prepare"], cwd=workspace)  # DVC's locks went with the killed run
+    again = flow_run(env, send(repo, env, overrides, watch=True))
+    assert again["state"]["type"] == "COMPLETED", worker_log.read_text()[-8000:]
+    statuses = stage_statuses(repo, env, again["id"])
+    assert [statuses[stage] for stage in ("prepare", "tune", "train")] == ["restored", "restored", "ran"], statuses
+
+
 def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], tmp_path: Path,
                                                   ray_address: str) -> None:
     """A run end to end; then two runs sent at once queue on the deployment's concurrency limit (one checkout, one
-    DVC cache and MLflow store) instead of interleaving, and each records what it would alone."""
+    DVC cache and MLflow store) instead of interleaving, and each records what it would alone; then a run killed
+    mid-train crashes cleanly and its rerun redoes only what had not finished."""
     (tmp_path / "repo").mkdir()
     repo = copy_repo(tmp_path / "repo", TINY_PARAMS)
     env = {**prefect_env, "PWD": str(repo)}
@@ -106,6 +148,7 @@ def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], t
             assert time.monotonic() < deadline, "two queued runs did not finish within 600 s"
             time.sleep(2)
         pair_runs = [flow_run(env, run_id) for run_id in pair]
+        killed_while_training_then_sent_again(repo, env, worker_log)
     finally:
         stop(worker)
     assert [run["state"]["type"] for run in pair_runs] == ["COMPLETED", "COMPLETED"], worker_log.read_text()[-8000:]

@@ -1,9 +1,11 @@
-"""Running the command-line tools kiln drives (dvc, git): streamed line by line, or captured; failures name the
-command and show its output."""
+"""Running the command-line tools kiln drives (dvc, git): streamed line by line (and tethered: a streamed command and
+everything it starts die with this process), or captured; failures name the command and show its output."""
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,9 +28,11 @@ def run(command: Sequence[str], cwd: Path | str | None = None, env: dict[str, st
 def stream(command: Sequence[str], echo: Callable[[str], None], cwd: Path | str | None = None,
            env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run `command`, passing each output line (stdout and stderr merged) to `echo` as it comes; returns the exit
-    code and the whole output."""
+    code and the whole output. The command runs under kiln.core.tether: if this process dies, even by SIGKILL, the
+    command and all it started are stopped instead of running on as orphans."""
     lines = []
-    with subprocess.Popen(list(command), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    tethered = [sys.executable, "-m", "kiln.core.tether", str(os.getpid()), *command]
+    with subprocess.Popen(tethered, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as process:
         for line in process.stdout:
             echo(line.rstrip("\n"))
