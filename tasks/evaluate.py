@@ -30,7 +30,7 @@ from kiln.core.models import load_trained_model
 from kiln.core.params import Params
 from kiln.core.prepared import load_split, read_manifest, stratified_head, to_float
 from kiln.core.tracking import lineage_tags, use_experiment
-from kiln.evaluate.explain import save_explanations
+from kiln.evaluate import explain
 from kiln.evaluate.measures import perturbed_sets
 from kiln.evaluate.registry import PREDICTIONS, Decision, Gate, predictions_record, promote
 from kiln.evaluate.report import REPORTS, Candidate, Evaluated, evaluate_candidates, summary_metrics, write_reports
@@ -65,10 +65,12 @@ def run(params: Params, data: Path, model: Path, deployable: Path, selection: Pa
                "kiln.tune_run_id": saved["tune_run_id"]}
     with ExitStack() as stack:  # the reports move into place when the block exits without error
         out = {key: stack.enter_context(atomic_path(reports / name))
-               for key, name in {**REPORTS, "registration": REGISTRATION}.items()}
+               for key, name in {**REPORTS, **explain.REPORTS, "registration": REGISTRATION}.items()}
         write_reports(out, models, y_test, classes)
-        save_explanations(fp32_model, images, y_test, classes, settings.explain_steps, out["explanations"])
-        decision = log_and_register(params, models, fp32_model, lineage, out, x_test, y_test, classes)
+        fidelity = explain.save_explanations(fp32_model, images, y_test, classes, settings.explain_steps,
+                                             settings.seed, stratified_head(y_test, explain.IMAGES, settings.seed),
+                                             out)
+        decision = log_and_register(params, models, fidelity, fp32_model, lineage, out, x_test, y_test, classes)
         write_json(out["registration"], {"registered_model": params.tracking.registered_model, **decision.as_dict()})
     verdict = "promoted to champion" if decision.promoted else f"champion stays v{decision.champion_version}"
     print(f"evaluate: test_accuracy={summary['test_accuracy']:.4f} macro_f1={summary['test_macro_f1']:.4f} "
@@ -77,17 +79,20 @@ def run(params: Params, data: Path, model: Path, deployable: Path, selection: Pa
     return summary, decision
 
 
-def log_and_register(params: Params, models: dict[str, Evaluated], fp32_model: nn.Module, lineage: dict[str, str],
-                     out: dict[str, Path], x_test: np.ndarray, y_test: np.ndarray, classes: list[str]) -> Decision:
-    """The parent run and a child run per model; the deployable registered, then the gate moves the aliases."""
+def log_and_register(params: Params, models: dict[str, Evaluated], fidelity: dict[str, dict[str, float]],
+                     fp32_model: nn.Module, lineage: dict[str, str], out: dict[str, Path], x_test: np.ndarray,
+                     y_test: np.ndarray, classes: list[str]) -> Decision:
+    """The parent run (with the explanations and their fidelity) and a child run per model; the deployable
+    registered, then the gate moves the aliases."""
     baseline, deployable = models["baseline"], models["deployable"]
     example = to_float(x_test[:EXAMPLE_ROWS])
     variant = deployable.candidate.variant
     with mlflow.start_run(run_name="evaluate", tags={"kiln.stage": "evaluate", "kiln.deployable_variant": variant,
                                                      **lineage}) as parent:
         mlflow.log_params(params.evaluate.model_dump())
-        mlflow.log_metrics(summary_metrics(models))
-        for key in REPORTS:
+        mlflow.log_metrics({**summary_metrics(models), **{f"explain_{method}_{key}": value for method, scores in
+                                                          fidelity.items() for key, value in scores.items()}})
+        for key in {**REPORTS, **explain.REPORTS}:
             mlflow.log_artifact(str(out[key]))
         with child_run(baseline, lineage, x_test, y_test, out["fp32_confusion"]):
             mlflow.pytorch.log_model(fp32_model, name="model", input_example=example, metadata={"classes": classes},

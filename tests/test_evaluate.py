@@ -3,6 +3,7 @@ to end on a LeNet trained on scikit-learn's digits (int8 ONNX deployable) with a
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from collections.abc import Iterator
@@ -26,7 +27,7 @@ from kiln.core.inference import onnx_logits, torch_logits
 from kiln.core.models import load_trained_model, save_trained_model
 from kiln.core.params import EvaluateParams, Params, ParamsError, apply_overrides, validate_params
 from kiln.core.prepared import MANIFEST, SPLITS, load_split, save_split, split_file, to_float
-from kiln.evaluate.explain import integrated_gradients, save_explanations
+from kiln.evaluate import explain
 from kiln.evaluate.measures import calibration, class_keys, perturbed_sets, robustness
 from kiln.evaluate.plots import ATTRIBUTION_CELL_INCHES
 from kiln.evaluate.registry import Decision, GateError
@@ -165,21 +166,35 @@ def test_robustness_falls_as_the_attack_grows(fp32: nn.Module, digits_test: tupl
     assert transfer["robust_fgsm_from_fp32_eps0.3_accuracy"] < transfer["robust_clean_accuracy"] - 0.3
 
 
-def test_integrated_gradients_are_complete_and_drawn_as_one_grid(
-    fp32: nn.Module, digits_test: tuple[np.ndarray, np.ndarray], tmp_path: Path
-) -> None:
+def test_integrated_gradients_are_complete(fp32: nn.Module, digits_test: tuple[np.ndarray, np.ndarray]) -> None:
     images, labels = digits_test
-    attributions, delta = integrated_gradients(fp32, images[:4], labels[:4], steps=64)
+    attributions = explain.attribute("integrated_gradients", fp32, images[:4], labels[:4], steps=64, seed=0)
     with torch.no_grad():
         change = (fp32(torch.from_numpy(images[:4])) - fp32(torch.zeros_like(torch.from_numpy(images[:4]))))
     expected = change[torch.arange(4), torch.from_numpy(labels[:4])].numpy()
-    np.testing.assert_allclose(attributions.sum(axis=(1, 2, 3)), expected, rtol=0.05, atol=0.05)  # completeness
-    assert attributions.shape == images[:4].shape and np.abs(delta).max() < 0.05 * np.abs(expected).max()
-    path = tmp_path / "ig.png"
-    assert save_explanations(fp32, images, labels, CLASSES, 16, path) == (2, 5)
+    assert attributions.shape == images[:4].shape
+    np.testing.assert_allclose(attributions.sum(axis=(1, 2, 3)), expected, rtol=0.05, atol=0.05)
+
+
+def test_every_explanation_deletes_accuracy_faster_than_random_pixels(
+        fp32: nn.Module, digits_test: tuple[np.ndarray, np.ndarray], tmp_path: Path) -> None:
+    images, labels = digits_test
+    out = {key: tmp_path / name for key, name in explain.REPORTS.items()}
+    measured = np.arange(100)
+    scores = explain.save_explanations(fp32, images, labels, CLASSES, 16, 0, measured, out)
+    assert set(scores) == {*explain.METHODS, "random"}
+    for method in explain.METHODS:
+        assert scores[method]["deletion_area"] < scores["random"]["deletion_area"] - 0.2, (method, scores)
+        assert scores[method]["infidelity"] >= 0
+    assert json.loads(out["fidelity"].read_text()) == {"images": 100, **scores}
+    rows = list(csv.DictReader(out["deletion"].open()))
+    assert [float(row["deleted_fraction"]) for row in rows] == list(explain.DELETED_FRACTIONS)
+    assert float(rows[0]["random"]) == float(rows[0]["lime"]) > 0.85  # nothing deleted yet: the model's accuracy
     width, height = ATTRIBUTION_CELL_INCHES
-    with Image.open(path) as picture:
-        assert picture.format == "PNG" and picture.size == (round(5 * width * 110), round(2 * height * 110))
+    for method in explain.METHODS:
+        with Image.open(out[method]) as picture:  # the first image of each of 10 classes: 2 rows of 5
+            assert picture.format == "PNG" and picture.size == (round(5 * width * 110), round(2 * height * 110))
+    assert out["deletion_plot"].read_bytes()[:4] == b"\x89PNG"
 
 
 def test_stage_logs_both_models_side_by_side(stage: tuple[Path, dict, Decision]) -> None:
@@ -200,7 +215,8 @@ def test_stage_logs_both_models_side_by_side(stage: tuple[Path, dict, Decision])
     assert set(summary) == headline | {f"fp32_{key}" for key in headline}
     assert summary["test_accuracy"] > 0.85 and abs(summary["test_accuracy"] - summary["fp32_test_accuracy"]) < 0.03
     assert summary["model_size_bytes"] < summary["fp32_model_size_bytes"]
-    for name in ("confusion_matrix.png", "confusion_matrix_fp32.png", "reliability.png", "integrated_gradients.png"):
+    for name in ("confusion_matrix.png", "confusion_matrix_fp32.png", "reliability.png", "deletion_curves.png",
+                 *(f"explanations_{method}.png" for method in explain.METHODS)):
         assert (reports / name).read_bytes()[:4] == b"\x89PNG", name
     assert (reports / "per_class.csv").read_text().splitlines()[0] == (
         "class,support,fp32_precision,fp32_recall,deployable_precision,deployable_recall")
@@ -219,7 +235,10 @@ def test_stage_logs_both_models_side_by_side(stage: tuple[Path, dict, Decision])
             for name, run in children.items()}
     assert keys["baseline"] == keys["deployable"] == headline | {f"test_{kind}_{digit}" for kind in
                                                                  ("precision", "recall") for digit in CLASSES}
-    assert parent.data.metrics == summary  # no gate statistics: there was no champion to compare with
+    fidelity = json.loads((reports / "explanations.json").read_text())
+    explained = {f"explain_{method}_{key}": value for method in [*explain.METHODS, "random"]
+                 for key, value in fidelity[method].items()}
+    assert parent.data.metrics == {**summary, **explained}  # no gate statistics: there was no champion to compare with
     assert children["deployable"].data.metrics["test_accuracy"] == summary["test_accuracy"]
 
     version = client.get_model_version("kiln", "1")

@@ -45,7 +45,7 @@ def save_reliability_diagram(bins: Mapping[str, Sequence[Mapping[str, float]]], 
 
 
 def save_attribution_grid(images: np.ndarray, attributions: np.ndarray, actual: Sequence[str],
-                          predicted: Sequence[str], path: Path, columns: int = 5) -> tuple[int, int]:
+                          predicted: Sequence[str], path: Path, title: str, columns: int = 5) -> tuple[int, int]:
     """One cell per image: the image, its attributions summed over channels on top (red: for the predicted class,
     blue: against it), titled with the true and the predicted class (red when they differ). Returns (rows, columns)."""
     columns = min(columns, len(images))
@@ -63,6 +63,21 @@ def save_attribution_grid(images: np.ndarray, attributions: np.ndarray, actual: 
         axis.imshow(heat, cmap="bwr", vmin=-1, vmax=1, alpha=0.7 * np.abs(heat))
         axis.set_title(f"{actual[index]}\npredicted: {predicted[index]}", fontsize=8,
                        color="black" if actual[index] == predicted[index] else "red")
-    figure.suptitle("Integrated Gradients towards the predicted class (red: for, blue: against)", fontsize=9)
+    figure.suptitle(title, fontsize=9)
     save_figure(figure, path)
     return rows, columns
+
+
+def save_deletion_curves(fractions: Sequence[float], curves: Mapping[str, Sequence[float]],
+                         labels: Mapping[str, str], path: Path, title: str) -> None:
+    """Accuracy against the fraction of pixels deleted, one line per attribution method and a dashed one for
+    deleting at random."""
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    for name, curve in curves.items():
+        axis.plot(fractions, curve, marker="o", label=labels[name], linestyle="--" if name == "random" else "-",
+                  color="grey" if name == "random" else None)
+    axis.set(xlabel="fraction of pixels deleted (most attributed first)", ylabel="accuracy", ylim=(0, 1.02),
+             title=title)
+    axis.legend()
+    axis.grid(alpha=0.3)
+    save_figure(figure, path)

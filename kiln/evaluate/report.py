@@ -25,7 +25,7 @@ REPORTS = {"metrics": "metrics.json", "models": "models.json", "predictions": "p
            "confusion": "confusion_matrix.png", "fp32_confusion": "confusion_matrix_fp32.png",
            "per_class": "per_class.csv",
            "fp32_reliability": "reliability_fp32.csv", "reliability": "reliability_deployable.csv",
-           "reliability_plot": "reliability.png", "explanations": "integrated_gradients.png"}
+           "reliability_plot": "reliability.png"}
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
 
 
 def write_reports(out: dict[str, Path], models: dict[str, Evaluated], labels: np.ndarray, classes: list[str]) -> None:
-    """Every file of REPORTS but the explanations, at the (temporary) paths in `out`: metrics.json holds the
+    """Every file of REPORTS, at the (temporary) paths in `out`: metrics.json holds the
     HEADLINE metrics of both models (`dvc metrics show`), models.json all of them."""
     baseline, deployable = models["baseline"], models["deployable"]
     for key, model in (("fp32_confusion", baseline), ("confusion", deployable)):
