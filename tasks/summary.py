@@ -67,6 +67,11 @@ def headlines(root: Path = Path(".")) -> dict[str, str]:
         lines["evaluate"] = (f"test_accuracy {evaluate['test_accuracy']:.4f} "
                              f"(fp32 {evaluate['fp32_test_accuracy']:.4f}), macro-F1 {evaluate['test_macro_f1']:.4f}, "
                              f"ECE {evaluate['test_ece']:.3f}")
+        if fidelity := _json(root / contract["evaluate"].output("explanations.json")):
+            areas = {method: scores["deletion_area"] for method, scores in fidelity.items() if isinstance(scores, dict)}
+            random = areas.pop("random")
+            lines["explanations"] = (f"deletion-curve area, random pixels {random:.2f}: "
+                                     + ", ".join(f"{method} {area:.2f}" for method, area in areas.items()))
         registration = _json(root / contract["evaluate"].output("registration.json"))
         if registration:
             outcome = ("promoted to champion" if registration["promoted"]

@@ -57,6 +57,7 @@ def test_the_run_ends_with_a_one_screen_summary(reproduced: Path) -> None:
     text = "\n".join(summary)
     assert re.search(r"^  evaluate +test_accuracy 0\.\d{4} \(fp32 0\.\d{4}\)", text, re.M)
     assert re.search(r"^  compress +deployable \w+", text, re.M)
+    assert re.search(r"^  explanations +deletion-curve area, random pixels 0\.\d\d: .*lime 0\.\d\d$", text, re.M)
     assert re.search(r"^  registry +kiln v1 is challenger, promoted to champion: no champion yet", text, re.M)
     assert "mlflow ui" in text and "dvc plots show" in text
     trial_lines = [line for line in output.splitlines() if line.startswith("tune: trial ")]
