@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import psycopg
 import pytest
 import torch
 import yaml
@@ -22,6 +23,7 @@ import yaml
 from kiln.core.contract import stages
 from kiln.core.models import build_model
 from kiln.core.params import validate_params
+from kiln.platform import objectstore
 from kiln.platform.stack import Stack, StackSettings, down, up
 from tasks import prepare
 
@@ -119,6 +121,20 @@ def stop(process: subprocess.Popen, grace: float = 30) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def bucket_keys(env: dict[str, str], uri: str) -> list[str]:
+    """Every object key under the s3:// `uri`, listed with the S3 endpoint and keys of `env` (a stack's)."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    s3 = objectstore.client(env["AWS_ENDPOINT_URL"], env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"])
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def pg_query(env: dict[str, str], database: str, sql: str, *args: object) -> list[tuple]:
+    """The rows of `sql` on `database` of the PostgreSQL server in `env` (a stack's)."""
+    with psycopg.connect(f"{env['KILN_POSTGRES_URL']}/{database}") as connection:
+        return connection.execute(sql, args).fetchall()
 
 
 def alive(pid: int) -> bool:

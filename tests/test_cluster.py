@@ -12,15 +12,13 @@ import shlex
 import subprocess
 from pathlib import Path
 
-import boto3
 import numpy as np
-import psycopg
 import pytest
 import yaml
 from mlflow import MlflowClient
 from sklearn.datasets import load_digits
 
-from tests.conftest import BIN, TINY_PARAMS, copy_repo, repo_env, run
+from tests.conftest import BIN, TINY_PARAMS, bucket_keys, copy_repo, pg_query, repo_env, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(2400)]
 EPOCHS = 3
@@ -30,19 +28,6 @@ def sh(command: str, cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
     result = subprocess.run(shlex.split(command), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{command}\n{result.stdout[-6000:]}\n{result.stderr[-6000:]}"
     return result.stdout
-
-
-def bucket_keys(env: dict[str, str], uri: str) -> list[str]:
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    s3 = boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"], region_name=env["AWS_DEFAULT_REGION"])
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [item["Key"] for page in pages for item in page.get("Contents", [])]
-
-
-def pg_count(env: dict[str, str], database: str, query: str) -> int:
-    with psycopg.connect(f"{env['KILN_POSTGRES_URL']}/{database}") as connection:
-        return connection.execute(query).fetchone()[0]
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +69,8 @@ def test_every_engine_holds_its_part(deployed_run: dict, stack) -> None:
     runs = {run.data.tags["kiln.stage"]: run for run in client.search_runs([experiment], max_results=200)}
     assert runs["tune"].data.metrics["nodes"] == 2, "tune trials ran on both Ray nodes"
     assert runs["train"].data.metrics["worker_nodes"] == 2, "the two Ray Train workers ran on both nodes"
-    assert pg_count(env, "mlflow", "select count(*) from runs") >= len(runs)
-    assert pg_count(env, "mlflow", "select count(*) from registered_models where name = 'kiln'") == 1
+    assert pg_query(env, "mlflow", "select count(*) from runs")[0][0] >= len(runs)
+    assert pg_query(env, "mlflow", "select count(*) from registered_models where name = 'kiln'")[0][0] == 1
     assert any(key.endswith("model.onnx") for key in bucket_keys(env, env["KILN_MLFLOW_ARTIFACTS"]))
     checkpoints = bucket_keys(env, env["KILN_STORAGE_PATH"])
     assert any("/train-" in key and "/checkpoint_" in key for key in checkpoints), "Ray Train checkpoints in S3"

@@ -18,14 +18,12 @@ import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
-import boto3
 import psutil
-import psycopg
 import pytest
 
 from kiln.platform import postgres, processes
 from kiln.platform.stack import Stack, memory, read_env, stack_pids, status
-from tests.conftest import BIN, REPO, run
+from tests.conftest import BIN, REPO, bucket_keys, pg_query, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 ENV_KEYS = {"MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
@@ -44,20 +42,6 @@ def python(code: str, env: dict[str, str], cwd: Path, timeout: int = 300) -> str
 
 def without_s3_keys() -> dict[str, str]:
     return {key: value for key, value in os.environ.items() if not key.startswith("AWS_")}
-
-
-def keys(stack: Stack, uri: str) -> list[str]:
-    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
-    s3 = boto3.client("s3", endpoint_url=stack.env["AWS_ENDPOINT_URL"], region_name=stack.env["AWS_DEFAULT_REGION"],
-                      aws_access_key_id=stack.env["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=stack.env["AWS_SECRET_ACCESS_KEY"])
-    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [item["Key"] for page in pages for item in page.get("Contents", [])]
-
-
-def query(stack: Stack, database: str, sql: str, *args: object) -> list[tuple]:
-    with psycopg.connect(f"{stack.env['KILN_POSTGRES_URL']}/{database}") as connection:
-        return connection.execute(sql, args).fetchall()
 
 
 def test_startup_time_memory_and_env(stack: Stack, capsys: pytest.CaptureFixture) -> None:
@@ -81,10 +65,10 @@ def test_mlflow_logs_through_the_server_into_postgres_and_s3_without_client_keys
             mlflow.log_text("kiln", "notes/hello.txt")
         print(run.info.run_id)
     """, env, tmp_path).split()[-1]
-    params = query(stack, "mlflow", "select key, value from params where run_uuid = %s", run_id)
+    params = pg_query(stack.env, "mlflow", "select key, value from params where run_uuid = %s", run_id)
     assert params == [("where", "postgres")], "the run is in the mlflow database"
     assert any(key.endswith(f"{run_id}/artifacts/notes/hello.txt")
-               for key in keys(stack, stack.env["KILN_MLFLOW_ARTIFACTS"]))
+               for key in bucket_keys(stack.env, stack.env["KILN_MLFLOW_ARTIFACTS"]))
 
 
 def test_dvc_pushes_to_and_pulls_from_the_s3_remote(stack: Stack, tmp_path: Path) -> None:
@@ -100,7 +84,7 @@ def test_dvc_pushes_to_and_pulls_from_the_s3_remote(stack: Stack, tmp_path: Path
     (repo / "data.txt").unlink()
     run(["dvc", "pull", "-q"], cwd=repo)
     assert (repo / "data.txt").read_text() == "kiln data\n"
-    assert keys(stack, stack.env["KILN_DVC_REMOTE"]), "the cache is in the kiln-dvc bucket"
+    assert bucket_keys(stack.env, stack.env["KILN_DVC_REMOTE"]), "the cache is in the kiln-dvc bucket"
 
 
 def test_ray_tasks_on_both_nodes_write_to_s3_through_pyarrow(stack: Stack, tmp_path: Path) -> None:
@@ -125,7 +109,7 @@ def test_ray_tasks_on_both_nodes_write_to_s3_through_pyarrow(stack: Stack, tmp_p
         print(json.dumps(ray.get(uris)))
     """, env, tmp_path).splitlines()[-1])
     assert len(written) == 2
-    stored = keys(stack, f"{stack.env['KILN_STORAGE_PATH']}/stack-test/")
+    stored = bucket_keys(stack.env, f"{stack.env['KILN_STORAGE_PATH']}/stack-test/")
     assert sorted(stored) == sorted(uri.removeprefix("s3://kiln-ray/") for uri in written)
 
 
@@ -152,12 +136,12 @@ def test_the_prefect_worker_runs_a_flow_with_the_stacks_keys(stack: Stack, tmp_p
                              timeout=300)
     worker_log = (stack.root / "logs" / "prefect-worker.log").read_text()[-6000:]
     assert "Completed" in watched.stdout, watched.stdout[-3000:] + watched.stderr[-3000:] + worker_log
-    assert keys(stack, "s3://kiln-dvc/stack-test/flow-run")
-    assert ("kiln-cluster", "process") in query(stack, "prefect", "select name, type from work_pool")
-    states = query(stack, "prefect", "select fr.state_type from flow_run fr join deployment d "
+    assert bucket_keys(stack.env, "s3://kiln-dvc/stack-test/flow-run")
+    assert ("kiln-cluster", "process") in pg_query(stack.env, "prefect", "select name, type from work_pool")
+    states = pg_query(stack.env, "prefect", "select fr.state_type from flow_run fr join deployment d "
                                      "on fr.deployment_id = d.id where d.name = 'probe'")
     assert [state for (state,) in states] == ["COMPLETED"]
-    assert query(stack, "prefect", "select w.status from worker w join work_pool p on w.work_pool_id = p.id "
+    assert pg_query(stack.env, "prefect", "select w.status from worker w join work_pool p on w.work_pool_id = p.id "
                                    "where p.name = 'kiln-cluster'") == [("ONLINE",)]
 
 
