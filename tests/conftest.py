@@ -13,6 +13,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import psycopg
@@ -121,6 +122,12 @@ def stop(process: subprocess.Popen, grace: float = 30) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def key_paths(tree: dict, prefix: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any]]:
+    """(path, value) of every key of a nested mapping, each mapping before what it holds."""
+    return [item for key, value in tree.items() for item in
+            [((*prefix, key), value), *(key_paths(value, (*prefix, key)) if isinstance(value, dict) else [])]]
 
 
 def bucket_keys(env: dict[str, str], uri: str) -> list[str]:

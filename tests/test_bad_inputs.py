@@ -18,24 +18,13 @@ from hypothesis import strategies as st
 
 from kiln.core.contract import stages
 from kiln.core.params import ParamsError, validate_params
-from tests.conftest import REPO
+from tests.conftest import REPO, key_paths
 
 STOCK = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
-def leaves(tree: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Paths of every non-mapping value."""
-    return [found for key, value in tree.items()
-            for found in (leaves(value, (*prefix, key)) if isinstance(value, dict) and value else [(*prefix, key)])]
-
-
-def sections(tree: dict, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
-    """Paths of every mapping, the root's sections included."""
-    return [found for key, value in tree.items() if isinstance(value, dict)
-            for found in [(*prefix, key), *sections(value, (*prefix, key))]]
-
-
-LEAVES, SECTIONS = leaves(STOCK), sections(STOCK)
+LEAVES = [path for path, value in key_paths(STOCK) if not (isinstance(value, dict) and value)]
+SECTIONS = [path for path, value in key_paths(STOCK) if isinstance(value, dict)]
 
 
 def wrong_types(value: Any) -> list[Any]:

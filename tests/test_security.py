@@ -17,8 +17,8 @@ import yaml
 from kiln.core.errors import CorruptFile, InputError
 from kiln.core.models import initial_state, load_trained_model
 from kiln.train.checkpoint import STATE_FILE, load
+from tests.conftest import REPO, key_paths
 
-REPO = Path(__file__).resolve().parents[1]
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|CREDENTIAL", re.IGNORECASE)
 SPEC = {"name": "lenet", "in_channels": 1, "num_classes": 10, "image_size": 28, "mean": [0.5], "std": [0.5]}
 
@@ -55,16 +55,9 @@ def test_pickled_code_in_weights_models_and_checkpoints_is_refused_unrun(tmp_pat
     assert marker.exists()
 
 
-def keys(tree: object, prefix: str = "") -> list[str]:
-    """Every dotted key of a nested mapping."""
-    if not isinstance(tree, dict):
-        return []
-    return [f"{prefix}{key}" for key in tree] + [found for key, value in tree.items()
-                                                 for found in keys(value, f"{prefix}{key}.")]
-
-
 def test_no_credentials_in_params_or_the_committed_dvc_config() -> None:
-    assert not [key for key in keys(yaml.safe_load((REPO / "params.yaml").read_text())) if SECRET_NAME.search(key)]
+    keys = [".".join(path) for path, _ in key_paths(yaml.safe_load((REPO / "params.yaml").read_text()))]
+    assert not [key for key in keys if SECRET_NAME.search(key)]
     config = configparser.ConfigParser()
     config.read_string((REPO / ".dvc" / "config").read_text())
     found = [f"{section}.{key}" for section in config.sections() for key in config[section]
