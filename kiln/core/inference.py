@@ -1,7 +1,10 @@
 """A model as a logits function over float32 NCHW pixels in [0, 1]: torch eager, or an ONNX Runtime session.
 
 ONNX Runtime sessions run every graph optimisation, sequentially, on as many intra-op threads as torch uses (both
-default to the physical cores), so ORT and torch eager timings get the same CPU.
+default to the physical cores), so ORT and torch eager timings get the same CPU. Their threads do not spin-wait after
+a call: kiln times several sessions side by side in one process, and the threads of the session that just ran,
+spinning, took the cores from the next one (on 2 cores, batch-64 p50s of two identical models differed 1.7x from one
+round to the next; without spinning they agree within 1%). It costs ~17 us per batch-1 call on the stock CNN.
 """
 
 from __future__ import annotations
@@ -33,8 +36,9 @@ def torch_logits(model: nn.Module) -> Logits:
 
 
 def session_options() -> ort.SessionOptions:
-    """All graph optimisations, sequential execution, as many intra-op threads as torch uses."""
+    """All graph optimisations, sequential execution, as many intra-op threads as torch uses, none spinning."""
     options = ort.SessionOptions()
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = torch.get_num_threads()
