@@ -1,6 +1,7 @@
 """Stage `train`: data-parallel training with Ray Train on the tuned hyperparameters (--best-config). Writes the model
 (--model: weights and the spec to rebuild it) and the history, metrics and learning curves (--reports); a run
-`train` in MLflow with per-epoch curves. The loop and its checkpoints: kiln.train."""
+`train` in MLflow with per-epoch curves. The loop and its checkpoints: kiln.train; a stage killed mid-run and
+started again on the same inputs resumes after its last finished epoch: kiln.train.resume."""
 
 from __future__ import annotations
 
@@ -9,17 +10,19 @@ from pathlib import Path
 
 import mlflow
 import ray
+from mlflow import MlflowClient
 
 from kiln.core import ray_cluster
 from kiln.core.errors import InputError
-from kiln.core.files import atomic_path, read_json, write_json
+from kiln.core.files import atomic_path, read_json, sha256_file, write_json
 from kiln.core.models import build_model, initial_state, model_spec, save_trained_model
 from kiln.core.params import Params
-from kiln.core.prepared import load_split, read_manifest
+from kiln.core.prepared import MANIFEST, load_split, read_manifest
 from kiln.core.tracking import lineage_tags, use_experiment
 from kiln.train.distributed import fit, train_worker
 from kiln.train.plots import save_learning_curves
 from kiln.train.recipe import make_recipe, tuned_hyperparameters
+from kiln.train.resume import DRIVER_TAG, KEY_TAG, claim_run, forget, run_name, this_driver
 
 MODES = {"val_accuracy": "max", "val_loss": "min"}
 
@@ -41,8 +44,15 @@ def run(params: Params, data: Path, best_config: Path, model: Path, reports: Pat
     ray_cluster.require_cpus(settings.num_workers * settings.cpus_per_worker,
                              "train.num_workers x train.cpus_per_worker")
     tune_run = read_json(best_config)["mlflow_run_id"] if settings.use_tuned else ""
-    with mlflow.start_run(run_name="train", tags={"kiln.stage": "train", "kiln.tune_run_id": tune_run,
-                                                 **lineage_tags(params, data)}) as run:
+    weights = settings.weights and sha256_file(settings.weights)
+    name = run_name(train=settings.model_dump(), tuned=hyperparameters,
+                    data=sha256_file(data / MANIFEST), spec=spec, weights=weights)
+    storage = ray_cluster.storage_uri(settings.storage_path)
+    experiment = mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id
+    resumed = claim_run(MlflowClient(), experiment, name)
+    with mlflow.start_run(run_id=resumed, run_name="train", tags={
+            "kiln.stage": "train", "kiln.tune_run_id": tune_run, KEY_TAG: name, DRIVER_TAG: this_driver(),
+            **lineage_tags(params, data)}) as run:
         mlflow.log_params({**settings.model_dump(exclude={"augmentation"}), **hyperparameters,
                            "augmentation": recipe.augment})
         config = {
@@ -52,8 +62,8 @@ def run(params: Params, data: Path, best_config: Path, model: Path, reports: Pat
             "early_stopping": settings.early_stopping.model_dump() | {"mode": MODES[settings.early_stopping.metric]},
             "tracking_uri": mlflow.get_tracking_uri(), "mlflow_run_id": run.info.run_id,
         }
-        state = fit(train_worker, config, settings.num_workers, settings.cpus_per_worker, settings.use_gpu,
-                    ray_cluster.storage_uri(settings.storage_path), f"train-{run.info.run_id}", settings.max_failures)
+        state = fit(train_worker, config, settings.num_workers, settings.cpus_per_worker, settings.use_gpu, storage,
+                    name, settings.max_failures)
         history = state["history"]
         keep_best = settings.early_stopping.patience > 0
         kept = state["early_stopping"]["best_epoch"] if keep_best else history[-1]["epoch"]
@@ -73,5 +83,6 @@ def run(params: Params, data: Path, best_config: Path, model: Path, reports: Pat
         writer.writeheader()
         writer.writerows(history)
     write_json(reports / "metrics.json", final)
+    forget(storage, name)
     print(f"train: val_accuracy={final['val_accuracy']:.4f} at epoch {kept} of {len(history)} run -> {model}")
     return final
