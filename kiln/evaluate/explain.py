@@ -22,9 +22,6 @@ from torch import nn
 from kiln.core.files import write_json
 from kiln.evaluate.plots import save_attribution_grid, save_deletion_curves
 
-METHODS = {"integrated_gradients": "Integrated Gradients", "gradient_shap": "GradientSHAP", "lime": "LIME"}
-REPORTS = {**{method: f"explanations_{method}.png" for method in METHODS}, "fidelity": "explanations.json",
-           "deletion": "deletion_curves.csv", "deletion_plot": "deletion_curves.png"}
 DELETED_FRACTIONS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5)
 SUPERPIXELS_PER_SIDE = 7  # LIME's features: squares of about 1/7 of the image's side (4x4 pixels on 28x28)
 LIME_SAMPLES = 256  # perturbed copies of each image LIME fits its linear model on
@@ -63,15 +60,18 @@ def _lime(model: nn.Module, images: torch.Tensor, targets: torch.Tensor, _steps:
                       for image, target in zip(images, targets, strict=True)])
 
 
-ATTRIBUTE: dict[str, Attribute] = {"integrated_gradients": _integrated_gradients, "gradient_shap": _gradient_shap,
-                                   "lime": _lime}
+METHODS: dict[str, tuple[str, Attribute]] = {  # key: (the figure's name for it, the attribution)
+    "integrated_gradients": ("Integrated Gradients", _integrated_gradients),
+    "gradient_shap": ("GradientSHAP", _gradient_shap), "lime": ("LIME", _lime)}
+REPORTS = {**{method: f"explanations_{method}.png" for method in METHODS}, "fidelity": "explanations.json",
+           "deletion": "deletion_curves.csv", "deletion_plot": "deletion_curves.png"}
 
 
 def attribute(method: str, model: nn.Module, images: np.ndarray, targets: np.ndarray, steps: int,
               seed: int) -> np.ndarray:
     """Attributions of `method` (a METHODS key) towards `targets`, shaped like `images`; seeded where it samples."""
     torch.manual_seed(seed)
-    attributions = ATTRIBUTE[method](model.eval(), torch.from_numpy(images), torch.from_numpy(targets), steps)
+    attributions = METHODS[method][1](model.eval(), torch.from_numpy(images), torch.from_numpy(targets), steps)
     return attributions.detach().numpy().astype(np.float32)
 
 
@@ -137,7 +137,7 @@ def save_explanations(model: nn.Module, images: np.ndarray, labels: np.ndarray, 
     batch = images[chosen]
     with torch.no_grad():
         predicted = model.eval()(torch.from_numpy(batch)).argmax(1).numpy()
-    for method, title in METHODS.items():
+    for method, (title, _) in METHODS.items():
         save_attribution_grid(batch, attribute(method, model, batch, predicted, steps, seed),
                               [classes[label] for label in labels[chosen]], [classes[label] for label in predicted],
                               out[method], f"{title} towards the predicted class (red: for, blue: against)")
@@ -148,6 +148,7 @@ def save_explanations(model: nn.Module, images: np.ndarray, labels: np.ndarray, 
         writer.writerow(["deleted_fraction", *curves])
         writer.writerows([fraction, *points] for fraction, *points in zip(DELETED_FRACTIONS, *curves.values(),
                                                                          strict=True))
-    save_deletion_curves(DELETED_FRACTIONS, curves, {method: METHODS.get(method, method) for method in curves},
-                         out["deletion_plot"], f"deletion curves: {len(measured)} test images, fp32 model")
+    labels = {**{method: title for method, (title, _) in METHODS.items()}, "random": "random"}
+    save_deletion_curves(DELETED_FRACTIONS, curves, labels, out["deletion_plot"],
+                         f"deletion curves: {len(measured)} test images, fp32 model")
     return scores
