@@ -47,8 +47,8 @@ def make_trainable(settings: TuneParams, data: dict[str, np.ndarray], spec: dict
 class TrialLines(tune.Callback):
     """One line per finished trial (instead of Ray's boxed status tables): its values, metric and how it ended."""
 
-    def __init__(self, settings: TuneParams) -> None:
-        self.settings, self.finished = settings, 0
+    def __init__(self, settings: TuneParams, max_failures: int) -> None:
+        self.settings, self.max_failures, self.finished = settings, max_failures, 0
 
     def _line(self, trial: Any, failed: bool) -> None:
         self.finished += 1
@@ -66,6 +66,11 @@ class TrialLines(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(trial, failed=True)
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        epochs = (trial.last_result or {}).get("training_iteration", 0)
+        print(f"tune: a trial's process died after {epochs} epochs ({trial.num_failures} of "
+              f"{self.max_failures} failures allowed); it restarts from its last checkpoint", flush=True)
 
 
 def close_stale_runs(experiment: str, tune_experiment: str) -> str | None:
@@ -102,6 +107,9 @@ def make_tuner(params: Params, trainable: Any, space: dict[str, Any], storage: s
         tune_config=tune.TuneConfig(metric=settings.metric, mode=settings.mode, num_samples=settings.num_samples,
                                     search_alg=search.search_algorithm(settings, settings.seed),
                                     scheduler=search.scheduler(settings, settings.seed)),
+        # A trial whose process dies (a lost node, a killed worker) restarts from its last epoch checkpoint, in the
+        # same MLflow run, as often as a train stage's worker group may.
         run_config=tune.RunConfig(name=name, storage_path=storage, verbose=0,
-                                  callbacks=[tracker, TrialLines(settings)]),
+                                  failure_config=tune.FailureConfig(max_failures=params.train.max_failures),
+                                  callbacks=[tracker, TrialLines(settings, params.train.max_failures)]),
     )

@@ -84,6 +84,10 @@ class TrialTracker(MLflowLoggerCallback):
         numbers = {f"config.{k}": float(v) for k, v in trial.config.items() if isinstance(v, int | float)}
         self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=numbers, step=step)
 
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        """A trial restarting after its process died keeps its run, tagged with how many times it restarted."""
+        MlflowClient(self.tracking_uri).set_tag(self._trial_runs[trial], "kiln.trial_restarts", str(trial.num_failures))
+
     def log_trial_end(self, trial: Any, failed: bool = False) -> None:
         state = trial_state(failed, (trial.last_result or {}).get("training_iteration", 0), self.epochs)
         MlflowClient(self.tracking_uri).set_tag(self._trial_runs[trial], "kiln.trial_state", state)
