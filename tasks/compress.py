@@ -54,8 +54,8 @@ def run(params: Params, model: Path, data: Path, onnx_dir: Path, reports: Path) 
     calibration, images = calibration_images(settings, x_train, y_train), to_float(x_val)
     if recovered_variants(settings.variants):
         ray_cluster.connect()
-        ray_cluster.require_cpus(settings.num_workers * settings.cpus_per_worker,
-                                 "compress.num_workers x compress.cpus_per_worker")
+        ray_cluster.require(settings.num_workers * settings.cpus_per_worker,
+                            "compress.num_workers x compress.cpus_per_worker")
 
     use_experiment(params.tracking.experiment)
     tags = lineage_tags(params, data)

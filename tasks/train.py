@@ -41,8 +41,9 @@ def run(params: Params, data: Path, best_config: Path, model: Path, reports: Pat
 
     use_experiment(params.tracking.experiment)
     ray_cluster.connect()
-    ray_cluster.require_cpus(settings.num_workers * settings.cpus_per_worker,
-                             "train.num_workers x train.cpus_per_worker")
+    ray_cluster.require(settings.num_workers * settings.cpus_per_worker, "train.num_workers x train.cpus_per_worker")
+    if settings.use_gpu:
+        ray_cluster.require(settings.num_workers, "train.use_gpu (one GPU per worker)", "GPU")
     tune_run = read_json(best_config)["mlflow_run_id"] if settings.use_tuned else ""
     weights = settings.weights and sha256_file(settings.weights)
     name = run_name(train=settings.model_dump(), tuned=hyperparameters,

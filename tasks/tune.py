@@ -47,7 +47,7 @@ def run(params: Params, data: Path, best_config: Path, reports: Path) -> dict[st
 
     uri = use_experiment(params.tracking.experiment)
     ray_cluster.connect()
-    ray_cluster.require_cpus(settings.cpus_per_trial * settings.workers_per_trial, "a tune trial")
+    ray_cluster.require(settings.cpus_per_trial * settings.workers_per_trial, "a tune trial")
     parent_id = close_stale_runs(params.tracking.experiment, name)
     resume = parent_id is not None and tune.Tuner.can_restore(f"{storage}/{name}")
     tags = {"kiln.stage": "tune", "kiln.tune_experiment": name, **lineage_tags(params, data)}

@@ -17,6 +17,7 @@ import yaml
 from mlflow import MlflowClient
 
 from kiln.core.contract import stages
+from kiln.core.errors import InputError
 from kiln.core.models import load_trained_model
 from kiln.core.params import Params, apply_overrides, validate_params
 from kiln.core.prepared import load_split
@@ -87,6 +88,7 @@ def read_history(path: Path) -> list[int]:
     return [int(row["epoch"]) for row in read_rows(path)]
 
 
+@pytest.mark.fault
 def test_training_survives_a_killed_worker(prepared: Path, tmp_path: Path, ray_address: str) -> None:
     """SIGKILL one Ray Train worker mid-run: the group restarts from the last epoch checkpoint and finishes."""
     epochs = 25
@@ -127,3 +129,14 @@ def test_training_survives_a_killed_worker(prepared: Path, tmp_path: Path, ray_a
     assert after == list(range(resumed_after + 1, epochs + 1)), "no epoch lost or repeated after the restart"
     assert before[-1] - resumed_after <= 2, "only the epochs after the last registered checkpoint are redone"
     assert run.data.metrics["val_accuracy"] > 0.5
+
+
+@pytest.mark.bad_input
+def test_gpu_training_on_a_cluster_without_gpus_fails_before_any_work(prepared: Path, tmp_path: Path,
+                                                                      ray_address: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with pytest.raises(InputError, match=r"^train\.use_gpu \(one GPU per worker\) needs 2 GPUs but the Ray cluster "
+                                         r"has 0$"):
+        train_in(tmp_path, tiny(use_gpu=True), prepared)
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "reports").exists()

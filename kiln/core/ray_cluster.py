@@ -26,11 +26,11 @@ def connect() -> None:
                  runtime_env=retries)
 
 
-def require_cpus(needed: float, what: str) -> None:
-    """Fail before scheduling anything if the cluster can never give `what` the CPUs it needs."""
-    available = ray.cluster_resources().get("CPU", 0)
+def require(needed: float, what: str, resource: str = "CPU") -> None:
+    """Fail before scheduling anything if the cluster can never give `what` the `resource` (CPU, GPU) it needs."""
+    available = ray.cluster_resources().get(resource, 0)
     if needed > available:
-        raise InputError(f"{what} needs {needed:g} CPUs but the Ray cluster has {available:g}")
+        raise InputError(f"{what} needs {needed:g} {resource}s but the Ray cluster has {available:g}")
 
 
 def storage_uri(storage_path: str) -> str:
