@@ -3,6 +3,7 @@ of the repo on tiny params."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shlex
@@ -11,9 +12,10 @@ import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 import psycopg
@@ -29,6 +31,7 @@ from kiln.platform.stack import Stack, StackSettings, down, up
 from tasks import prepare
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 BIN = Path(sys.executable).parent
 
 # Shrunken params: scikit-learn's digits, a few epochs, two tiny trials.
@@ -112,6 +115,68 @@ def run(command: list[str], cwd: Path, timeout: int = 600, check: bool = True) -
 # token goes into the environment here, before any test module imports ray; every client (this process,
 # `dvc repro`, Prefect workers) inherits it.
 os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)})
+
+
+# `python -m benchmarks.reliability` sets this: every `bad_input` and `fault` test's outcome goes to that file.
+LEDGER = os.environ.get("KILN_RELIABILITY_LEDGER")
+RELIABILITY_MARKS = ("bad_input", "fault")
+
+
+def record_cases(node: pytest.Item, *cases: str, kind: str | None = None) -> None:
+    """Name the distinct cases a `bad_input` or `fault` test tried when it tries several (a hypothesis test, a
+    deployment test that also kills a flow run); `kind` when they are not the test's own. Else the test is one case."""
+    node.user_properties.append(("cases", {"kind": kind, "names": cases}))
+
+
+def record_measured(node: pytest.Item, **counts: int) -> None:
+    """What a `fault` test measured before asserting on it: `runs_left_running`, `outputs_lost`."""
+    node.user_properties.append(("measured", counts))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[pytest.TestReport]:
+    report = yield
+    marks = [mark.name for mark in item.iter_markers() if mark.name in RELIABILITY_MARKS]
+    if LEDGER and marks and (report.when == "call" or report.failed):
+        cases: dict[str, set[str]] = {}
+        measured: dict[str, int] = {}
+        for key, value in report.user_properties:
+            if key == "cases":
+                cases.setdefault(value["kind"] or marks[0], set()).update(value["names"])
+            elif key == "measured":
+                measured.update(value)
+        line = {"test": item.nodeid, "kind": marks[0], "phase": report.when, "passed": report.passed,
+                "cases": {kind: sorted(names) for kind, names in cases.items()}, "measured": measured}
+        with open(LEDGER, "a") as ledger:
+            ledger.write(json.dumps(line) + "\n")
+    return report
+
+
+def until(ready: Callable[[], T], seconds: float, failure: str | Callable[[], str],
+          process: subprocess.Popen | None = None, every: float = 0.5) -> T:
+    """Poll `ready` every `every` s until it returns something truthy, and return that; fail with `failure` (a text,
+    or a function that makes one) after `seconds`, or as soon as `process`, which should be running meanwhile, exits."""
+    deadline = time.monotonic() + seconds
+    while not (value := ready()):
+        if time.monotonic() > deadline or (process is not None and process.poll() is not None):
+            pytest.fail(failure() if callable(failure) else failure)
+        time.sleep(every)
+    return value
+
+
+def printed(log: Path, text: str, process: subprocess.Popen, seconds: float = 300) -> None:
+    """Until `text` appears in `log`, the file `process` writes its output to."""
+    until(lambda: text in log.read_text(), seconds,
+          lambda: f"no {text!r} after {seconds} s (exit code {process.poll()}):\n{log.read_text()[-4000:]}", process,
+          every=0.2)
+
+
+def output_tail(process: subprocess.Popen, size: int = 4000) -> str:
+    """The end of what `process` printed to its stdout pipe; it is stopped first if it still runs."""
+    if process.poll() is None:
+        process.kill()
+    out = process.communicate()[0] or ""
+    return (out.decode() if isinstance(out, bytes) else out)[-size:]
 
 
 def stop(process: subprocess.Popen, grace: float = 30) -> None:

@@ -18,8 +18,9 @@ from hypothesis import strategies as st
 
 from kiln.core.contract import stages
 from kiln.core.params import ParamsError, validate_params
-from tests.conftest import REPO, key_paths
+from tests.conftest import REPO, key_paths, record_cases
 
+pytestmark = pytest.mark.bad_input
 STOCK = yaml.safe_load((REPO / "params.yaml").read_text())
 
 
@@ -70,11 +71,13 @@ def local_ray(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(broken_params())
-def test_every_broken_key_is_named_or_harmless(case: tuple[str, dict, tuple[str, ...]]) -> None:
+def test_every_broken_key_is_named_or_harmless(request: pytest.FixtureRequest,
+                                               case: tuple[str, dict, tuple[str, ...]]) -> None:
     what, raw, named = case
     try:
         validate_params(raw)
     except ParamsError as error:
+        record_cases(request.node, what)
         assert all(text in str(error) for text in named), f"{what}: the error does not name {named}:\n{error}"
     else:
         assert what.startswith("missing"), f"{what} was accepted"  # a key with a default may be left out

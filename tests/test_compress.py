@@ -373,6 +373,7 @@ def snapshot(root: Path) -> dict[Path, bytes | bool]:
     return {path: path.is_file() and path.read_bytes() for path in root.rglob("*")}
 
 
+@pytest.mark.fault
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncated model.pt", "model built for 16x16 images"])
 def test_failed_run_keeps_previous_outputs(
@@ -392,6 +393,7 @@ def test_failed_run_keeps_previous_outputs(
     assert snapshot(root) == before  # same bytes, and no temporaries left behind
 
 
+@pytest.mark.bad_input
 def test_cli_bad_params_exits_1_naming_the_key(tmp_path: Path) -> None:
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["latency"]["calls"] = 0
@@ -403,6 +405,7 @@ def test_cli_bad_params_exits_1_naming_the_key(tmp_path: Path) -> None:
     assert "latency.calls" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [

@@ -35,6 +35,7 @@ def test_stock_and_tiny_params_are_valid() -> None:
     assert validate_params(TINY_PARAMS).train.model == "lenet"
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -82,6 +83,7 @@ def test_bad_values_name_the_key(overrides: dict, expected: str) -> None:
     assert expected in error_for(overrides)
 
 
+@pytest.mark.bad_input
 def test_missing_key_is_named() -> None:
     raw = apply_overrides(STOCK, {})
     del raw["train"]["epochs"]
@@ -89,11 +91,13 @@ def test_missing_key_is_named() -> None:
         validate_params(raw)
 
 
+@pytest.mark.bad_input
 def test_override_of_unknown_section_is_named() -> None:
     with pytest.raises(ParamsError, match="'trian' is not a section"):
         apply_overrides(STOCK, {"trian.lr": 0.1})
 
 
+@pytest.mark.bad_input
 def test_write_overrides_keeps_comments_and_refuses_bad_values(tmp_path: Path) -> None:
     path = tmp_path / "params.yaml"
     path.write_text((REPO / "params.yaml").read_text())
@@ -110,6 +114,7 @@ def test_write_overrides_keeps_comments_and_refuses_bad_values(tmp_path: Path) -
     assert path.read_text() == before
 
 
+@pytest.mark.bad_input
 def test_stage_cli_rejects_bad_params_fast(tmp_path: Path) -> None:
     bad = apply_overrides(STOCK, {"train.lr": -1})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(bad))

@@ -20,6 +20,8 @@ from kiln.core.prepared import read_manifest
 from kiln.train.checkpoint import STATE_FILE, load, save
 from tests.conftest import REPO, TINY_PARAMS, stage_command
 
+pytestmark = pytest.mark.bad_input
+
 
 def truncated(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterator
 from datetime import datetime
@@ -14,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.conftest import BIN, TINY_PARAMS, alive, copy_repo, free_port, repo_env, run, stop
+from tests.conftest import BIN, TINY_PARAMS, alive, copy_repo, free_port, record_cases, repo_env, run, stop, until
 
 pytestmark = pytest.mark.slow
 KILLED_EPOCHS = 30  # long enough to kill the flow run while its train stage runs
@@ -28,16 +27,19 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> I
            "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
     server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while True:
+
+    def healthy() -> bool:
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
-            break
+            return True
         except OSError:
-            if time.monotonic() > deadline or server.poll() is not None:
-                server.kill()
-                pytest.fail("prefect server did not become healthy within 120 s")
-            time.sleep(1)
+            return False
+
+    try:
+        until(healthy, 120, "prefect server did not become healthy within 120 s", server, every=1)
+    except BaseException:
+        server.kill()
+        raise
     yield env
     stop(server)
 
@@ -91,24 +93,24 @@ def killed_while_training_then_sent_again(repo: Path, env: dict[str, str], worke
     on, DVC's locks are free, and sending the same run again redoes only the stages that had not finished."""
     overrides = {"train.epochs": KILLED_EPOCHS}
     run_id = send(repo, env, overrides, watch=False)
-    deadline = time.monotonic() + 600
-    while f"train: epoch 2/{KILLED_EPOCHS}" not in worker_log.read_text():
+
+    def training() -> bool:
         assert flow_run(env, run_id)["state"]["type"] in ("SCHEDULED", "PENDING", "RUNNING"), worker_log.read_text()
-        assert time.monotonic() < deadline, "the train stage did not start within 600 s"
-        time.sleep(0.5)
+        return f"train: epoch 2/{KILLED_EPOCHS}" in worker_log.read_text()
+
+    until(training, 600, "the train stage did not start within 600 s")
     flow_process = psutil.Process(int(flow_run(env, run_id)["infrastructure_pid"]))
     started = flow_process.children(recursive=True)
     assert any("tasks" in process.cmdline() and "train" in process.cmdline() for process in started)
     workspace = next(Path(process.cwd()) for process in started if "repro" in process.cmdline())
     flow_process.kill()
-    deadline = time.monotonic() + 60
-    while (state := flow_run(env, run_id)["state"])["type"] != "CRASHED":
-        assert time.monotonic() < deadline, f"killed flow run is {state['type']}, not CRASHED"
-        time.sleep(1)
-    deadline = time.monotonic() + 30
-    while orphans := [" ".join(process.cmdline()) for process in started if alive(process.pid)]:
-        assert time.monotonic() < deadline, f"still running 30 s after their flow run was killed: {orphans}"
-        time.sleep(0.5)
+    until(lambda: flow_run(env, run_id)["state"]["type"] == "CRASHED", 60,
+          lambda: f"killed flow run is {flow_run(env, run_id)['state']['type']}, not CRASHED", every=1)
+
+    def orphans() -> list[str]:
+        return [" ".join(process.cmdline()) for process in started if alive(process.pid)]
+
+    until(lambda: not orphans(), 30, lambda: f"still running 30 s after their flow run was killed: {orphans()}")
     run(["dvc", "repro", "--single-item", "prepare"], cwd=workspace)  # DVC's locks went with the killed run
     again = flow_run(env, send(repo, env, overrides, watch=True))
     assert again["state"]["type"] == "COMPLETED", worker_log.read_text()[-8000:]
@@ -116,11 +118,15 @@ def killed_while_training_then_sent_again(repo: Path, env: dict[str, str], worke
     assert [statuses[stage] for stage in ("prepare", "tune", "train")] == ["restored", "restored", "ran"], statuses
 
 
-def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], tmp_path: Path,
-                                                  ray_address: str) -> None:
+@pytest.mark.fault
+def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], tmp_path: Path, ray_address: str,
+                                                  request: pytest.FixtureRequest) -> None:
     """A run end to end; then two runs sent at once queue on the deployment's concurrency limit (one checkout, one
     DVC cache and MLflow store) instead of interleaving, and each records what it would alone; then a run killed
     mid-train crashes cleanly and its rerun redoes only what had not finished."""
+    record_cases(request.node, "flow parameter overrides {'train.lr': -1} through prefect deployment run",
+                 kind="bad_input")
+    record_cases(request.node, "two prefect deployment runs at once", "a flow run SIGKILLed mid-train under a worker")
     (tmp_path / "repo").mkdir()
     repo = copy_repo(tmp_path / "repo", TINY_PARAMS)
     env = {**prefect_env, "PWD": str(repo)}
@@ -142,11 +148,8 @@ def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], t
         first = flow_run(env, send(repo, env, {"train.epochs": 3}, watch=True))
         assert first["state"]["type"] == "COMPLETED", worker_log.read_text()[-8000:]
         pair = [send(repo, env, {"train.epochs": 3}, watch=False) for _ in range(2)]
-        deadline = time.monotonic() + 600
-        while not all(flow_run(env, run_id)["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-                      for run_id in pair):
-            assert time.monotonic() < deadline, "two queued runs did not finish within 600 s"
-            time.sleep(2)
+        until(lambda: all(flow_run(env, run_id)["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+                          for run_id in pair), 600, "two queued runs did not finish within 600 s", every=2)
         pair_runs = [flow_run(env, run_id) for run_id in pair]
         killed_while_training_then_sent_again(repo, env, worker_log)
     finally:

@@ -281,6 +281,7 @@ def snapshot(root: Path) -> dict[Path, bytes]:
     return {path: path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
+@pytest.mark.fault
 @pytest.mark.parametrize("failure", ["unreadable deployable.onnx", "champion without predictions"])
 def test_failure_leaves_aliases_and_reports(second_workspace: Path, params: Params, failure: str) -> None:
     client = client_for(second_workspace)
@@ -300,6 +301,7 @@ def test_failure_leaves_aliases_and_reports(second_workspace: Path, params: Para
     assert aliases(client) == before and snapshot(second_workspace / "reports") == reports
 
 
+@pytest.mark.bad_input
 def test_missing_deployable_is_named_first(params: Params, tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"models/model.pt: missing; run the train stage"):
         evaluate_in(tmp_path, params)
@@ -309,6 +311,7 @@ def test_missing_deployable_is_named_first(params: Params, tmp_path: Path) -> No
         evaluate_in(tmp_path, params)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("key", "value", "expected"),
     [

@@ -161,6 +161,7 @@ BAD_INPUTS = {
 }
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize("case", BAD_INPUTS)
 def test_bad_input_is_a_clear_error_and_writes_nothing(tracking: Path, tmp_path: Path, case: str) -> None:
     make_input, error, message = BAD_INPUTS[case]
@@ -174,6 +175,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tracking: Path, tmp_path:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input", "out.csv"]
 
 
+@pytest.mark.bad_input
 def test_unknown_model_is_a_clear_error(tracking: Path, tmp_path: Path) -> None:
     np.save(tmp_path / "batch.npy", IMAGES)
     with pytest.raises(ModelUnavailable, match="cannot load models:/kiln@nobody"):
@@ -181,6 +183,7 @@ def test_unknown_model_is_a_clear_error(tracking: Path, tmp_path: Path) -> None:
     assert not (tmp_path / "out.csv").exists()
 
 
+@pytest.mark.bad_input
 def test_cli_error_exits_1_without_traceback_or_csv(store: tuple[str, Path], tmp_path: Path) -> None:
     np.save(tmp_path / "batch.npy", np.stack([IMAGES] * 3, 1))
     result = cli(store, tmp_path / "batch.npy", "--output", tmp_path / "out.csv")

@@ -84,6 +84,7 @@ def test_digits_prepare_is_stratified_hashed_and_reproducible(tmp_path: Path) ->
     assert all(other["files"][name] != manifest["files"][name] for name in manifest["files"])
 
 
+@pytest.mark.fault
 def test_failed_prepare_leaves_previous_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in DEAD_PROXY.items():
         monkeypatch.setenv(name, value)
@@ -139,6 +140,7 @@ def test_real_debian_fashion_mnist(tmp_path: Path) -> None:
     assert np.bincount(raw.train[1]).tolist() == [6000] * 10 and np.bincount(raw.test[1]).tolist() == [1000] * 10
 
 
+@pytest.mark.bad_input
 def test_missing_fashion_mnist_without_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in DEAD_PROXY.items():  # a dead proxy: the download fails here even on a networked machine
         monkeypatch.setenv(name, value)
@@ -147,6 +149,7 @@ def test_missing_fashion_mnist_without_network(tmp_path: Path, monkeypatch: pyte
     assert str(tmp_path / "nowhere") in str(error.value) and "prepare.data_dir" in str(error.value)
 
 
+@pytest.mark.bad_input
 def test_corrupt_fashion_mnist_files_are_named(tmp_path: Path) -> None:
     write_tiny_fashion(tmp_path / "debian")
     unpacked = torchvision_layout(tmp_path / "debian", tmp_path / "torchvision")
@@ -185,6 +188,7 @@ def test_cifar10_reads_torchvision_pickles(tmp_path: Path) -> None:
     assert str(folder) in str(error.value) and "cifar-10-python.tar.gz" in str(error.value)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("images", "labels", "problem"),
     [
@@ -211,6 +215,7 @@ def cli(tmp_path: Path, prepare_section: dict) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     ("section", "message"),
     [

@@ -106,6 +106,7 @@ def test_improvement_below_the_margin_is_not_promoted(client: MlflowClient) -> N
     assert promote(client, "m", new_version(client, range(0)), gate).promoted  # +0.20 reaches it
 
 
+@pytest.mark.bad_input
 def test_a_different_test_split_is_refused(client: MlflowClient) -> None:
     promote(client, "m", new_version(client, range(20)), GATE)
     smaller = promote(client, "m", new_version(client, range(0), IMAGES[:50]), GATE)
@@ -133,6 +134,7 @@ class FailingChampionAlias(MlflowClient):
         super().set_registered_model_alias(name, alias, version)
 
 
+@pytest.mark.fault
 def test_failure_while_moving_aliases_restores_them(client: MlflowClient, tmp_path: Path) -> None:
     promote(client, "m", new_version(client, range(20)), GATE)
     better = new_version(client, range(0))
@@ -154,6 +156,7 @@ class SlowClient(MlflowClient):
         super().set_registered_model_alias(name, alias, version)
 
 
+@pytest.mark.fault
 def test_two_promotions_at_once_end_where_the_decisions_say(client: MlflowClient, tmp_path: Path) -> None:
     """v2 and v3 both beat champion v1, and v3 beats v2: whichever order they serialise in, v3 ends as champion, and
     every logged decision was taken against the champion of its time."""

@@ -10,18 +10,11 @@ from pathlib import Path
 import pytest
 
 from kiln.core.contract import stage_path
-from tests.conftest import BIN, TINY_PARAMS, copy_repo, repo_env, run
+from tests.conftest import BIN, TINY_PARAMS, copy_repo, printed, repo_env, run
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]  # real runs on the session stack: out of the quick loop
 
 
-def wait_for(path: Path, text: str, process: subprocess.Popen, timeout: float = 300) -> None:
-    """Until `text` appears in the file `process` writes its output to."""
-    deadline = time.monotonic() + timeout
-    while text not in path.read_text():
-        assert process.poll() is None, f"exited {process.returncode} before printing {text!r}:\n{path.read_text()}"
-        assert time.monotonic() < deadline, f"no {text!r} after {timeout} s:\n{path.read_text()}"
-        time.sleep(0.2)
 
 
 def test_a_second_dvc_repro_in_one_checkout_stops_at_once_and_the_first_finishes(
@@ -32,7 +25,7 @@ def test_a_second_dvc_repro_in_one_checkout_stops_at_once_and_the_first_finishes
         first = subprocess.Popen([str(BIN / "dvc"), "repro", "tune"], cwd=repo, env=repo_env(), stdout=out,
                                  stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(log, "Running stage 'tune'", first)
+        printed(log, "Running stage 'tune'", first)
         started = time.monotonic()
         second = run([str(BIN / "dvc"), "repro"], cwd=repo, check=False)
         seconds = time.monotonic() - started

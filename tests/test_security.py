@@ -38,6 +38,7 @@ def planted(path: Path, marker: Path) -> Path:
     return path
 
 
+@pytest.mark.bad_input
 def test_pickled_code_in_weights_models_and_checkpoints_is_refused_unrun(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     with pytest.raises(InputError, match="train.weights: .*refused, it holds pickled code"):

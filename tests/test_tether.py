@@ -6,11 +6,10 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from tests.conftest import REPO, alive
+from tests.conftest import REPO, alive, until
 
 pytestmark = pytest.mark.fault
 STREAMER = ("from kiln.core import shell; shell.stream(['bash', '-c', 'sleep 300 & echo pids $$ $!; wait'], "
@@ -26,7 +25,5 @@ def test_a_streamed_command_and_its_children_die_with_the_streamer(signum: signa
     assert all(alive(pid) for pid in started)
     streamer.send_signal(signum)
     streamer.wait(timeout=10)
-    deadline = time.monotonic() + 15
-    while any(alive(pid) for pid in started):
-        assert time.monotonic() < deadline, f"still running after the streamer died: {started}"
-        time.sleep(0.2)
+    until(lambda: not any(alive(pid) for pid in started), 15, f"still running after the streamer died: {started}",
+          every=0.2)

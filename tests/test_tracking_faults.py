@@ -16,8 +16,7 @@ import yaml
 from mlflow import MlflowClient
 
 from kiln.platform.servers import mlflow_ready
-from tests.conftest import BIN, REPO, TINY_PARAMS, free_port, repo_env, stage_command
-from tests.test_reliability import wait_for
+from tests.conftest import BIN, REPO, TINY_PARAMS, free_port, printed, record_measured, repo_env, stage_command, until
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 EPOCHS = 30  # long enough for the server to go down and come back while epochs run
@@ -29,10 +28,7 @@ def start_server(folder: Path, port: int) -> subprocess.Popen:
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
          "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}", "--artifacts-destination", str(folder / "art")],
         cwd=folder, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not mlflow_ready(f"http://127.0.0.1:{port}"):
-        assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-        time.sleep(0.5)
+    until(lambda: mlflow_ready(f"http://127.0.0.1:{port}"), 120, "mlflow server did not start", server)
     return server
 
 
@@ -68,14 +64,14 @@ def test_a_stage_stops_within_a_minute_naming_a_tracking_server_that_is_down(
 
 
 def test_training_rides_out_a_tracking_server_restart_and_logs_every_epoch(
-        tmp_path: Path, prepared: Path, ray_address: str) -> None:
+        tmp_path: Path, prepared: Path, ray_address: str, request: pytest.FixtureRequest) -> None:
     port = free_port()
     server = start_server(tmp_path, port)
     log = tmp_path / "train.log"
     with train_inputs(tmp_path, prepared, port) as (command, env, model), log.open("w") as out:
         stage = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
         try:
-            wait_for(log, "train: epoch 2/", stage)
+            printed(log, "train: epoch 2/", stage)
             stop_server(server)
             time.sleep(10)
             server = start_server(tmp_path, port)
@@ -85,6 +81,8 @@ def test_training_rides_out_a_tracking_server_restart_and_logs_every_epoch(
             (run,) = client.search_runs([client.get_experiment_by_name("kiln").experiment_id],
                                         "tags.`kiln.stage` = 'train'")
             steps = [metric.step for metric in client.get_metric_history(run.info.run_id, "val_accuracy")]
+            record_measured(request.node, runs_left_running=int(run.info.status == "RUNNING"),
+                            outputs_lost=len(set(range(1, EPOCHS + 1)) - set(steps)))  # epochs missing in MLflow
             assert sorted(steps) == list(range(1, EPOCHS + 1)), f"epochs logged: {sorted(steps)}"
             assert run.info.status == "FINISHED" and model.is_file()
         finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
@@ -15,8 +14,7 @@ import yaml
 from mlflow import MlflowClient
 
 from kiln.core.contract import stage_path
-from tests.conftest import BIN, TINY_PARAMS, copy_repo, repo_env, run
-from tests.test_reliability import wait_for
+from tests.conftest import BIN, TINY_PARAMS, copy_repo, printed, record_measured, repo_env, run, until
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 EPOCHS = 10
@@ -24,14 +22,9 @@ EPOCHS = 10
 
 def stage_process(dvc: subprocess.Popen) -> psutil.Process:
     """The `python -m tasks train` process under `dvc repro`."""
-    deadline = time.monotonic() + 60
-    while True:
-        found = [child for child in psutil.Process(dvc.pid).children(recursive=True)
-                 if child.cmdline()[1:4] == ["-m", "tasks", "train"]]
-        if found:
-            return found[0]
-        assert time.monotonic() < deadline, "no train stage process under dvc repro"
-        time.sleep(0.2)
+    return until(lambda: next((child for child in psutil.Process(dvc.pid).children(recursive=True)
+                               if child.cmdline()[1:4] == ["-m", "tasks", "train"]), None),
+                 60, "no train stage process under dvc repro", every=0.2)
 
 
 def train_runs(repo: Path) -> list:
@@ -40,7 +33,8 @@ def train_runs(repo: Path) -> list:
     return client.search_runs([experiment], "tags.`kiln.stage` = 'train'")
 
 
-def test_a_killed_train_driver_resumes_where_it_stopped(tmp_path: Path, ray_address: str) -> None:
+def test_a_killed_train_driver_resumes_where_it_stopped(tmp_path: Path, ray_address: str,
+                                                        request: pytest.FixtureRequest) -> None:
     repo = copy_repo(tmp_path / "repo", TINY_PARAMS)
     run([str(BIN / "dvc"), "repro"], cwd=repo)  # the previous, good outputs
     lock = (repo / "dvc.lock").read_text()
@@ -55,15 +49,18 @@ def test_a_killed_train_driver_resumes_where_it_stopped(tmp_path: Path, ray_addr
         killed = subprocess.Popen([str(BIN / "dvc"), "repro", "train"], cwd=repo, env={**repo_env(),
                                   "PYTHONUNBUFFERED": "1"}, stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
-        wait_for(log, f"train: epoch 5/{EPOCHS}", killed)  # Ray keeps a checkpoint an epoch or two later
+        printed(log, f"train: epoch 5/{EPOCHS}", killed)  # Ray keeps a checkpoint an epoch or two later
         stage_process(killed).kill()
         assert killed.wait(timeout=120) != 0
     finally:
         if killed.poll() is None:
             killed.kill()
-    assert (repo / "dvc.lock").read_text() == lock, "a killed stage changed dvc.lock"
+    lock_kept = (repo / "dvc.lock").read_text() == lock
     run([str(BIN / "dvc"), "checkout", str(model.relative_to(repo))], cwd=repo)
-    assert run(["md5sum", str(model)], cwd=repo).stdout.split()[0] == recorded, "the previous model is not intact"
+    model_kept = run(["md5sum", str(model)], cwd=repo).stdout.split()[0] == recorded
+    record_measured(request.node, outputs_lost=(not lock_kept) + (not model_kept))
+    assert lock_kept, "a killed stage changed dvc.lock"
+    assert model_kept, "the previous model is not intact"
     assert [r.info.status for r in train_runs(repo) if r.data.params.get("epochs") == str(EPOCHS)] == ["RUNNING"]
 
     resumed = run([str(BIN / "dvc"), "repro", "train"], cwd=repo).stdout
@@ -71,7 +68,9 @@ def test_a_killed_train_driver_resumes_where_it_stopped(tmp_path: Path, ray_addr
     assert 1 <= epoch < EPOCHS and f"train: epoch {epoch}/{EPOCHS}" not in resumed, resumed[-4000:]
     assert f"train: epoch {epoch + 1}/{EPOCHS}" in resumed and f"train: epoch 1/{EPOCHS}" not in resumed
     (taken,) = [r for r in train_runs(repo) if r.data.params.get("epochs") == str(EPOCHS)]
-    assert taken.info.status == "FINISHED" and not [r for r in train_runs(repo) if r.info.status == "RUNNING"]
+    left_running = [r for r in train_runs(repo) if r.info.status == "RUNNING"]
+    record_measured(request.node, runs_left_running=len(left_running))
+    assert taken.info.status == "FINISHED" and not left_running
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     steps = {metric.step for metric in client.get_metric_history(taken.info.run_id, "val_accuracy")}
     assert steps == set(range(1, EPOCHS + 1)), f"epochs logged in the resumed run: {sorted(steps)}"

@@ -8,7 +8,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from kiln.core.params import Params, apply_overrides, validate_params
 from kiln.tune.search import scheduler, search_algorithm, to_domain
 from tasks import prepare
 from tasks import tune as tune_stage
-from tests.conftest import REPO, TINY_PARAMS, repo_env
+from tests.conftest import REPO, TINY_PARAMS, output_tail, record_measured, repo_env, until
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +117,9 @@ def test_trials_can_be_multi_worker_ray_train_runs(prepared: Path, workdir: Path
     assert {c.data.tags["kiln.trial_state"] for c in child_runs(workdir)} == {"completed"}
 
 
-def test_interrupted_stage_resumes_its_experiment(tmp_path: Path, ray_address: str) -> None:
+@pytest.mark.fault
+def test_interrupted_stage_resumes_its_experiment(tmp_path: Path, ray_address: str,
+                                                 request: pytest.FixtureRequest) -> None:
     """SIGINT the stage CLI after the first trial finishes; the re-run finishes the rest under the same parent."""
     params = apply_overrides(TINY_PARAMS, {"tune.num_samples": 4, "tune.epochs": 3, "tune.cpus_per_trial": 1})
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -128,10 +129,8 @@ def test_interrupted_stage_resumes_its_experiment(tmp_path: Path, ray_address: s
     child_runs(tmp_path)  # creates the store's tables now, not while the stage creates them too
     command = [sys.executable, *shlex.split(stages(REPO)["tune"].cmd)[1:]]
     first = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
-    while "FINISHED" not in {c.info.status for c in child_runs(tmp_path)}:
-        assert first.poll() is None and time.monotonic() < deadline, first.stdout.read().decode()[-4000:]
-        time.sleep(1)
+    until(lambda: "FINISHED" in {c.info.status for c in child_runs(tmp_path)}, 300, lambda: output_tail(first), first,
+          every=1)
     first.send_signal(signal.SIGINT)
     first.communicate(timeout=120)
     done_before = {c.data.tags["trial_name"] for c in child_runs(tmp_path) if c.info.status == "FINISHED"}
@@ -145,6 +144,7 @@ def test_interrupted_stage_resumes_its_experiment(tmp_path: Path, ray_address: s
     assert len(re.findall(r"^tune: trial \d+/4 completed after 3 epochs: lr=", second.stdout, re.M)) == 4 - len(
         done_before)
     children = child_runs(tmp_path)
+    record_measured(request.node, runs_left_running=sum(c.info.status == "RUNNING" for c in children))
     assert all(c.info.status in ("FINISHED", "KILLED") for c in children)
     finished = [c.data.tags["trial_name"] for c in children if c.info.status == "FINISHED"]
     assert sorted(set(finished)) == sorted(finished), "a finished trial was run again"
@@ -153,6 +153,7 @@ def test_interrupted_stage_resumes_its_experiment(tmp_path: Path, ray_address: s
     assert {c.data.tags["mlflow.parentRunId"] for c in children} == {best["mlflow_run_id"]}
 
 
+@pytest.mark.bad_input
 def test_a_trial_bigger_than_the_cluster_fails_before_any_trial(prepared: Path, workdir: Path) -> None:
     params = tiny(cpus_per_trial=1, workers_per_trial=3)  # RAY_ADDRESS is set: checked against the real cluster
     with pytest.raises(InputError, match="a tune trial needs 3 CPUs but the Ray cluster has 2"):
