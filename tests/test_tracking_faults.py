@@ -83,7 +83,8 @@ def test_training_rides_out_a_tracking_server_restart_and_logs_every_epoch(
             steps = [metric.step for metric in client.get_metric_history(run.info.run_id, "val_accuracy")]
             record_measured(request.node, runs_left_running=int(run.info.status == "RUNNING"),
                             outputs_lost=len(set(range(1, EPOCHS + 1)) - set(steps)))  # epochs missing in MLflow
-            assert sorted(steps) == list(range(1, EPOCHS + 1)), f"epochs logged: {sorted(steps)}"
+            # at least once: a call whose answer the dying server never sent is sent again, so a step may repeat
+            assert sorted(set(steps)) == list(range(1, EPOCHS + 1)), f"epochs logged: {sorted(steps)}"
             assert run.info.status == "FINISHED" and model.is_file()
         finally:
             if stage.poll() is None:
