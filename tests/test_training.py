@@ -87,6 +87,22 @@ def test_one_cycle_and_cosine_warm_up_shape_the_rate() -> None:
     assert make_scheduler(optimizer, Recipe(schedule="constant"), 4, 10) is None
 
 
+@pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
+def test_one_cycle_cycles_the_recipes_momentum(optimizer_name: str) -> None:
+    """The tuned momentum reaches the optimiser: one-cycle dips it by 0.1 at the peak rate instead of replacing it
+    with PyTorch's default 0.85-0.95."""
+    recipe = Recipe(optimizer=optimizer_name, lr=0.1, momentum=0.8, schedule="onecycle")
+    optimizer = make_optimizer(torch.nn.Linear(4, 2), recipe)
+    scheduler = make_scheduler(optimizer, recipe, epochs=4, steps_per_epoch=10)
+    momenta = []
+    for _ in range(40):
+        group = optimizer.param_groups[0]
+        momenta.append(group["betas"][0] if "betas" in group else group["momentum"])
+        optimizer.step()
+        scheduler.step()
+    assert momenta[0] == pytest.approx(0.8) and min(momenta) == pytest.approx(0.7, abs=1e-3)
+
+
 def test_optimizers_decay_weights_only_and_take_perturbed_values() -> None:
     model = build_model("compact", 1, 10, 28, [0.5], [0.25])
     for name in ("sgd", "adamw"):

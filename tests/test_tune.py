@@ -109,6 +109,18 @@ def test_a_diverging_trial_fails_alone(prepared: Path, workdir: Path) -> None:
     assert json.loads((workdir / "best_config.json").read_text())["hyperparameters"]["lr"] == 0.05
 
 
+def test_the_same_trial_config_gives_the_same_result(prepared: Path, workdir: Path) -> None:
+    """A trial's result is a function of its config and seed, not of what its reused worker process ran before:
+    the grid, run twice, scores each point twice alike."""
+    params = tiny(search="grid", scheduler="fifo", num_samples=2, epochs=1,
+                  search_space={"lr": {"type": "grid", "values": [0.05, 0.1]}})
+    run_stage(params, prepared, workdir)
+    scores: dict[str, set[float]] = {}
+    for run in child_runs(workdir):
+        scores.setdefault(run.data.params["lr"], set()).add(run.data.metrics["val_accuracy"])
+    assert scores.keys() == {"0.05", "0.1"} and all(len(values) == 1 for values in scores.values()), scores
+
+
 def test_trials_can_be_multi_worker_ray_train_runs(prepared: Path, workdir: Path) -> None:
     params = tiny(search="grid", scheduler="fifo", num_samples=1, epochs=1, workers_per_trial=2,
                   search_space={"lr": {"type": "grid", "values": [0.05, 0.1]}})

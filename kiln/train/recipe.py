@@ -119,8 +119,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, epochs: int
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The per-batch learning-rate schedule, or None for a constant rate."""
     total = epochs * steps_per_epoch
-    if recipe.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total)
+    if recipe.schedule == "onecycle":  # momentum (AdamW: beta1) dips by 0.1 as the rate peaks, PyTorch's default span
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=recipe.lr, total_steps=total,
+                                                   max_momentum=recipe.momentum,
+                                                   base_momentum=max(0.0, recipe.momentum - 0.1))
     if recipe.schedule == "cosine":
         warmup = round(recipe.warmup_epochs * steps_per_epoch)
 

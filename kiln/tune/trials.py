@@ -16,7 +16,15 @@ from kiln.core.models import build_model
 from kiln.train.checkpoint import load, restore, save, training_state
 from kiln.train.distributed import TorchTrainer, train_worker
 from kiln.train.loop import VAL_BATCH, Hooks, Progress, run_epochs
-from kiln.train.recipe import Recipe, apply_hyperparameters, make_loader, make_optimizer, make_scheduler, with_values
+from kiln.train.recipe import (
+    Recipe,
+    apply_hyperparameters,
+    make_loader,
+    make_optimizer,
+    make_scheduler,
+    seed_everything,
+    with_values,
+)
 
 
 def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dict[str, Any], recipe: Recipe,
@@ -25,6 +33,7 @@ def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dic
     epoch. A trial restored from a checkpoint (a resumed experiment, or a PBT exploit) keeps the optimiser's momentum
     buffers but takes this trial's hyperparameters, which PBT may have perturbed."""
     recipe = with_values(recipe, config)
+    seed_everything(config["seed"])  # the initial weights: a function of the seed, not of what this process ran before
     model = build_model(**{**spec, "dropout": config["dropout"]})
     optimizer = make_optimizer(model, recipe)
     train_loader = make_loader(data["x_train"], data["y_train"], int(config["batch_size"]), True, config["seed"])
