@@ -6,7 +6,9 @@ baseline's prefixed `fp32_`, the reports, the gate's decision) with child runs `
 kiln.stage=evaluate-model) that log the same metric keys and their model: the baseline in the PyTorch flavour, the
 deployable in the ONNX flavour (what batch inference loads), registered with lineage tags. Everything is computed
 before anything is logged, the aliases move last (kiln.evaluate.registry.promote), and the report files (with
-registration.json: the version and the gate's decision) move into place only when all of it succeeded.
+registration.json: the version and the gate's decision, and finetune_base.json: the version finetune.base names
+afterwards, the finetune stage's dep) move into place only when all of it succeeded. The deployable's run also keeps the
+PyTorch model it was compressed from (`source/model.pt`), the weights fine-tuning starts from.
 """
 
 from __future__ import annotations
@@ -32,11 +34,13 @@ from kiln.core.prepared import load_split, read_manifest, stratified_head, to_fl
 from kiln.core.tracking import lineage_tags, use_experiment
 from kiln.evaluate import explain
 from kiln.evaluate.measures import perturbed_sets
-from kiln.evaluate.registry import PREDICTIONS, Decision, Gate, predictions_record, promote
+from kiln.evaluate.registry import PREDICTIONS, Decision, Gate, predictions_record, promote, resolve_version
 from kiln.evaluate.report import REPORTS, Candidate, Evaluated, evaluate_candidates, summary_metrics, write_reports
 
 EXAMPLE_ROWS = 2  # of the logged input example: torch.export would fix a batch dimension of 1
 REGISTRATION = "registration.json"
+FINETUNE_BASE = "finetune_base.json"
+SOURCE = "source"  # the deployable run's folder of the PyTorch model it came from
 
 
 def run(params: Params, data: Path, model: Path, deployable: Path, selection: Path,
@@ -65,18 +69,31 @@ def run(params: Params, data: Path, model: Path, deployable: Path, selection: Pa
                "kiln.tune_run_id": saved["tune_run_id"]}
     with ExitStack() as stack:  # the reports move into place when the block exits without error
         out = {key: stack.enter_context(atomic_path(reports / name))
-               for key, name in {**REPORTS, **explain.REPORTS, "registration": REGISTRATION}.items()}
+               for key, name in {**REPORTS, **explain.REPORTS, "registration": REGISTRATION,
+                                 "finetune_base": FINETUNE_BASE}.items()}
         write_reports(out, models, y_test, classes)
         fidelity = explain.save_explanations(fp32_model, images, y_test, classes, settings.explain_steps,
                                              settings.seed, stratified_head(y_test, explain.IMAGES, settings.seed),
                                              out)
         decision = log_and_register(params, models, fidelity, fp32_model, lineage, out, x_test, y_test, classes)
-        write_json(out["registration"], {"registered_model": params.tracking.registered_model, **decision.as_dict()})
+        name = params.tracking.registered_model
+        write_json(out["registration"], {"registered_model": name, **decision.as_dict()})
+        write_json(out["finetune_base"], finetune_base(name, params.finetune.base))
     verdict = "promoted to champion" if decision.promoted else f"champion stays v{decision.champion_version}"
     print(f"evaluate: test_accuracy={summary['test_accuracy']:.4f} macro_f1={summary['test_macro_f1']:.4f} "
           f"(fp32 {summary['fp32_test_accuracy']:.4f}); registered {params.tracking.registered_model} "
           f"v{decision.version} ({variant}) as challenger, {verdict}: {decision.reason}")
     return summary, decision
+
+
+def finetune_base(name: str, reference: str) -> dict[str, str | None]:
+    """Which version `reference` (finetune.base) names now: the file changes, and fine-tuning re-runs, only when it
+    moves. A reference that names nothing is recorded as such; the finetune stage reports it."""
+    try:
+        version: str | None = resolve_version(MlflowClient(), name, reference)
+    except InputError:
+        version = None
+    return {"registered_model": name, "reference": reference, "version": version}
 
 
 def log_and_register(params: Params, models: dict[str, Evaluated], fidelity: dict[str, dict[str, float]],
@@ -99,6 +116,7 @@ def log_and_register(params: Params, models: dict[str, Evaluated], fidelity: dic
                                      signature=infer_signature(example, baseline.candidate.logits(example)),
                                      pip_requirements=pinned("torch"))
         with child_run(deployable, lineage, x_test, y_test, out["confusion"]):
+            mlflow.log_artifact(str(baseline.candidate.path), SOURCE)
             info = mlflow.onnx.log_model(
                 onnx.load(str(deployable.candidate.path)), name="model", input_example=example,
                 metadata={"classes": classes}, signature=infer_signature(example, deployable.candidate.logits(example)),

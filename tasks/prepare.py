@@ -1,31 +1,15 @@
-"""Stage `prepare`: read and validate the raw dataset (prepare.data_dir; DVC tracks data/raw), split it, and write the
-split .npz files and manifest.json into --out, all at once."""
+"""Stage `prepare`: read and validate the raw dataset (prepare.data_dir; DVC tracks data/raw), resize it when
+prepare.image_side says so, split it, and write the split .npz files and manifest.json into --out, all at once."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from kiln.core.files import atomic_path, write_json
 from kiln.core.params import Params
-from kiln.core.prepared import MANIFEST, save_split, split_file
-from kiln.prepare.datasets import read_dataset, split_dataset
-from kiln.prepare.manifest import build_manifest
+from kiln.prepare.write import write_prepared
 
 
 def run(params: Params, out: Path) -> dict[str, Any]:
     """Write the train/val/test splits and the manifest; returns the manifest."""
-    settings = params.prepare
-    raw = read_dataset(settings.dataset, settings.data_dir)
-    test = f"{len(raw.test[1])} test" if raw.test else "no official test"
-    print(f"prepare: read {len(raw.train[1])} train / {test} {settings.dataset} images from {raw.source}")
-    splits = split_dataset(raw, settings.val_fraction, settings.test_fraction, settings.seed)
-    with atomic_path(out) as tmp:
-        tmp.mkdir()
-        for split, arrays in splits.items():
-            save_split(split_file(tmp, split), *arrays)
-        manifest = build_manifest(settings.dataset, raw.classes, splits, tmp, settings.seed)
-        write_json(tmp / MANIFEST, manifest)
-    counts = " ".join(f"{split}={entry['count']}" for split, entry in manifest["splits"].items())
-    print(f"prepare: wrote {out} ({counts}, seed {settings.seed})")
-    return manifest
+    return write_prepared(params.prepare, out, "prepare")

@@ -19,7 +19,7 @@ import typer
 from kiln.core.errors import InputError
 from kiln.core.params import load_params
 
-STAGES = ("prepare", "tune", "train", "compress", "evaluate")
+STAGES = ("prepare", "tune", "train", "compress", "evaluate", "finetune_data", "finetune")
 ParamsFile = Annotated[Path, typer.Option("--params", help="The params file.")]
 Data = Annotated[Path, typer.Option(help="The prepared data folder (prepare's --out).")]
 BestConfig = Annotated[Path, typer.Option(help="The tuned hyperparameters (JSON).")]
@@ -74,6 +74,22 @@ def register(app: typer.Typer) -> None:
                  params: ParamsFile = Path("params.yaml")) -> None:
         """Evaluate the baseline and the deployable model; register the deployable one; apply the gate."""
         run_stage("evaluate", params, data=data, model=model, deployable=deployable, selection=selection,
+                  reports=reports)
+
+    @app.command("finetune_data", rich_help_panel="Stages (dvc.yaml runs these; `kiln run` runs them through DVC)")
+    def finetune_data(out: Annotated[Path, typer.Option(help="Where the target's splits and manifest go.")],
+                      params: ParamsFile = Path("params.yaml")) -> None:
+        """Read, resize and split the fine-tuning target (finetune.target)."""
+        run_stage("finetune_data", params, out=out)
+
+    @app.command(rich_help_panel="Stages (dvc.yaml runs these; `kiln run` runs them through DVC)")
+    def finetune(base: Annotated[Path, typer.Option(help="evaluate's finetune_base.json (the base's version).")],
+                 data: Annotated[Path, typer.Option(help="The prepared target (finetune_data's --out).")],
+                 model: Annotated[Path, typer.Option(help="Where the selected method's merged model goes.")],
+                 onnx_model: Annotated[Path, typer.Option(help="Where its ONNX export goes.")], reports: Reports,
+                 params: ParamsFile = Path("params.yaml")) -> None:
+        """Fine-tune the registered base with every method; register the selected one."""
+        run_stage("finetune", params, base=base, data=data, model=model, onnx_model=onnx_model,
                   reports=reports)
 
 

@@ -78,6 +78,17 @@ def headlines(root: Path = Path(".")) -> dict[str, str]:
                        else f"champion stays v{registration['champion_version']}")
             lines["registry"] = (f"{registration['registered_model']} v{registration['version']} is challenger, "
                                  f"{outcome}: {registration['reason']}")
+    if metrics.get("finetune"):
+        methods = _json(root / contract["finetune"].output("methods.json"))
+        rows = {row["method"]: row for row in methods["methods"]}
+        chosen = rows[methods["selected"]]
+        baselines = [f"{name} {rows[name]['test_accuracy']:.4f}" for name in ("full", "scratch") if name in rows]
+        registered = _json(root / contract["finetune"].output("registration.json"))
+        status = "champion" if registered["promoted"] else "challenger"
+        lines["finetune"] = (f"{methods['selected']} test_accuracy {chosen['test_accuracy']:.4f} training "
+                             f"{chosen['trainable_fraction']:.1%} of the weights"
+                             + (f" ({', '.join(baselines)})" if baselines else "")
+                             + f"; v{registered['version']} {status}")
     return lines
 
 

@@ -61,6 +61,21 @@ TINY_PARAMS = {
         "min_speedup": 1.1, "seed": 0,
     },
     "evaluate": {"gate_metric": "test_accuracy", "gate_margin": 0.0, "gate_alpha": 0.05, "seed": 0},
+    "finetune": {  # the digits champion adapted to Fashion-MNIST shrunk to its 8x8 input, 5 shots per class
+        "base": "champion", "registered_model": "kiln-fashion",
+        "target": {"dataset": "fashion_mnist", "data_dir": "data/raw/fashion-mnist", "val_fraction": 0.02,
+                   "test_fraction": 0.2, "image_side": 8, "seed": 0},
+        "shots_per_class": 5, "methods": ["lora", "adalora", "loha", "ia3", "linear_probe", "full", "scratch"],
+        "select": "lora", "epochs": 3, "batch_size": 16,
+        "lr": {"lora": 0.01, "adalora": 0.01, "loha": 0.01, "ia3": 0.03, "linear_probe": 0.03, "full": 0.003,
+               "scratch": 0.01},
+        "weight_decay": 0.0001,
+        "adapters": {"lora": {"target_modules": ["features.0", "features.3", "classifier.1", "classifier.4"]},
+                     "adalora": {"target_modules": ["classifier.1", "classifier.4"], "rank": 4, "target_rank": 2},
+                     "loha": {"target_modules": ["features.0", "classifier.1"]},
+                     "ia3": {"target_modules": ["features.0", "features.3", "classifier.1", "classifier.4"]}},
+        "num_workers": 1, "cpus_per_worker": 1, "seed": 0,
+    },
 }
 
 
@@ -289,7 +304,7 @@ def tiny_repo(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> Pat
     return copy_repo(tmp_path_factory.mktemp("repo"), TINY_PARAMS)
 
 
-STAGES = ["prepare", "tune", "train", "compress", "evaluate"]
+STAGES = ["prepare", "tune", "train", "compress", "evaluate", "finetune_data", "finetune"]
 
 
 @pytest.fixture(scope="session")

@@ -8,10 +8,18 @@ import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from ruamel.yaml import YAML
 
 from kiln.core.errors import InputError
@@ -52,7 +60,13 @@ class PrepareParams(Strict):
     data_dir: Path = Field(description="Raw files (ignored for digits, which ships with scikit-learn).")
     val_fraction: float = Field(gt=0, lt=0.5)
     test_fraction: float = Field(gt=0, lt=0.5, description="Used only when the dataset has no official test split.")
+    image_side: int | None = Field(None, ge=4, description="Resize to this side (antialiased bilinear); null: as is.")
     seed: int
+
+    @property
+    def side(self) -> int:
+        """The side of the prepared images."""
+        return self.image_side or IMAGE_SIDES[self.dataset]
 
 
 class AugmentParams(Strict):
@@ -293,6 +307,58 @@ class LatencyParams(Strict):
     warmup_calls: int = Field(ge=0, description="Untimed calls per model before the first round.")
 
 
+FINETUNE_METHODS = ("lora", "adalora", "loha", "ia3", "linear_probe", "full", "scratch")
+ADAPTERS = ("lora", "adalora", "loha", "ia3")  # peft's; the rest are baselines
+
+
+class AdapterParams(Strict):
+    """One peft adapter family's settings (ia3 uses target_modules alone)."""
+
+    target_modules: list[str] = Field(min_length=1, description="Module names (or their endings) to adapt.")
+    rank: int = Field(4, gt=0, description="lora, loha: the rank; adalora: the initial rank.")
+    alpha: float = Field(8.0, gt=0, description="lora, loha, adalora: the scale is alpha / rank.")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_rank: int = Field(2, gt=0, description="adalora: the average rank left after the budget is pruned.")
+
+
+class FinetuneParams(Strict):
+    """Adapt a registered model to a new dataset (tasks/finetune.py): every method trained and compared, one
+    registered."""
+
+    base: str = Field(min_length=1, description="An alias (champion) or version number of tracking.registered_model.")
+    registered_model: str = Field(min_length=1, description="The registry entry of the fine-tuned model.")
+    target: PrepareParams = Field(description="The target dataset, prepared by the finetune_data stage.")
+    shots_per_class: int = Field(ge=0, description="Training images per class, stratified and seeded; 0: all.")
+    methods: list[Literal[FINETUNE_METHODS]] = Field(min_length=1, description="Trained and compared.")
+    select: str = Field(description="The method whose merged model is written and registered.")
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: dict[Literal[FINETUNE_METHODS], Annotated[float, Field(gt=0)]] = Field(description="Peak rate per method.")
+    weight_decay: float = Field(ge=0)
+    adapters: dict[Literal[ADAPTERS], AdapterParams] = Field(description="Per peft method.")
+    num_workers: int = Field(ge=1)
+    cpus_per_worker: int = Field(ge=1)
+    seed: int = Field(description="The shot draw, shuffling, new heads and scratch weights.")
+
+    @field_validator("methods")
+    @classmethod
+    def _once_each(cls, methods: list[str]) -> list[str]:
+        if len(set(methods)) < len(methods):
+            raise ValueError("lists a method twice")
+        return methods
+
+    @field_validator("select", "lr", "adapters")
+    @classmethod
+    def _cover_the_methods(cls, value: Any, info: ValidationInfo) -> Any:
+        methods = info.data.get("methods", [])
+        if info.field_name == "select" and value not in methods:
+            raise ValueError(f"{value!r} is not one of methods {methods}")
+        needed = [m for m in methods if info.field_name == "lr" or (info.field_name == "adapters" and m in ADAPTERS)]
+        if missing := [m for m in needed if m not in value]:
+            raise ValueError(f"no entry for methods {missing}")
+        return value
+
+
 class TrackingParams(Strict):
     """Where every stage records its runs (MLflow; the store comes from MLFLOW_TRACKING_URI)."""
 
@@ -308,10 +374,11 @@ class Params(Strict):
     train: TrainParams
     compress: CompressParams
     evaluate: EvaluateParams
+    finetune: FinetuneParams
 
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
-        dataset, side = self.prepare.dataset, IMAGE_SIDES[self.prepare.dataset]
+        dataset, side = self.prepare.dataset, self.prepare.side
         augment = self.train.augmentation.get(dataset)
         if augment is None:
             raise ValueError(f"train.augmentation has no entry for prepare.dataset {dataset!r} (an empty {{}} is none)")
@@ -322,6 +389,9 @@ class Params(Strict):
                              f"{side}-pixel images by half their side or more; use at most {(side - 1) // 2}")
         if self.tune.scheduler == "pbt" and self.train.schedule != "constant":
             raise ValueError("tune.scheduler: pbt perturbs the learning rate mid-run; set train.schedule: constant")
+        if self.finetune.registered_model == self.tracking.registered_model:
+            raise ValueError(f"finetune.registered_model: {self.finetune.registered_model!r} is the base's registry "
+                             "entry (tracking.registered_model); name the fine-tuned model's own")
         return self
 
 

@@ -61,3 +61,9 @@ def stratified_head(labels: np.ndarray, count: int, seed: int) -> np.ndarray:
     per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
     take = np.concatenate([idx[: max(1, round(count * len(idx) / len(labels)))] for idx in per_class])
     return np.sort(rng.permutation(take)[:count])
+
+
+def per_class(labels: np.ndarray, shots: int, seed: int) -> np.ndarray:
+    """Indices of `shots` random items of every class (a few-shot draw, seeded), in sorted order."""
+    rng = np.random.default_rng(seed)
+    return np.sort(np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:shots] for c in np.unique(labels)]))

@@ -176,3 +176,21 @@ def promote(client: MlflowClient, name: str, version: str, gate: Gate) -> Decisi
                 break
         _move_aliases(client, name, {CHALLENGER: version, **({CHAMPION: version} if decision.promoted else {})})
     return decision
+
+
+def resolve_version(client: MlflowClient, name: str, reference: str) -> str:
+    """The version `reference` (a version number or an alias) names; InputError naming the key when there is none."""
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException:
+        raise InputError(f"tracking.registered_model: the registry has no model {name!r}; run the pipeline "
+                         "(`dvc repro evaluate`) to register one") from None
+    if reference.isdigit():
+        try:
+            return str(client.get_model_version(name, reference).version)
+        except MlflowException:
+            raise InputError(f"finetune.base: {name} has no version {reference}") from None
+    if reference not in model.aliases:
+        aliases = ", ".join(sorted(model.aliases)) or "none"
+        raise InputError(f"finetune.base: {name} has no alias {reference!r} (its aliases: {aliases})")
+    return str(model.aliases[reference])

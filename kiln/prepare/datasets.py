@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torchvision.datasets import CIFAR10, FashionMNIST
@@ -193,6 +194,18 @@ def split_dataset(raw: RawData, val_fraction: float, test_fraction: float, seed:
     for split, arrays in splits.items():
         validate_arrays(*arrays, len(raw.classes), f"{split} split")
     return splits
+
+
+def resized(raw: RawData, side: int) -> RawData:
+    """`raw` with every image resized to `side` x `side` (antialiased bilinear, back to uint8)."""
+
+    def resize(images: np.ndarray) -> np.ndarray:
+        scaled = torch.nn.functional.interpolate(torch.from_numpy(images).float(), size=(side, side),
+                                                 mode="bilinear", antialias=True, align_corners=False)
+        return scaled.round().clamp(0, 255).to(torch.uint8).numpy()
+
+    parts = [None if part is None else (resize(part[0]), part[1]) for part in (raw.train, raw.test)]
+    return RawData(raw.classes, parts[0], parts[1], f"{raw.source}, resized to {side}x{side}")
 
 
 def channel_stats(images: np.ndarray) -> dict[str, list[float]]:
