@@ -2,7 +2,7 @@
 input) with each method of the stock `finetune` section, at 10 and 50 training images per class, over five seeds of
 the shot draw; each run is tested on every digits image outside its shots.
 
-    python -m benchmarks.finetune --model /tmp/kiln-bench-train-*/model.pt   # ~10 min on 2 CPU cores (default
+    python -m benchmarks.finetune --model /tmp/kiln-bench-train-*/model.pt   # ~20 min on 2 CPU cores (default
                                     # model: the train stage's); writes benchmarks/results/finetune.json and the
                                     # finetune table in docs/benchmarks.md
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,9 +22,10 @@ from kiln.core.models import build_model, save_trained_model
 from kiln.core.params import ParamsError, apply_overrides, validate_params
 from kiln.core.prepared import load_split, per_class
 from kiln.evaluate.registry import resolve_version
-from kiln.finetune.base import SOURCE_MODEL, load_base
+from kiln.finetune.base import SOURCE_MODEL, Base, load_base
 from kiln.finetune.methods import adapt, check_targets, merged, step_hook, trainable_parameters
 from kiln.prepare.datasets import read_digits, resized
+from tasks.finetune import check_target
 from tests.conftest import TINY_PARAMS, record_cases, stage_command
 
 SETTINGS = validate_params(TINY_PARAMS).finetune
@@ -135,6 +137,17 @@ def test_an_unknown_base_is_refused_naming_the_key(registry: MlflowClient, name:
         resolve_version(registry, name, reference)
 
 
+@pytest.mark.bad_input
+@pytest.mark.parametrize(("image_shape", "problem"), [
+    ([3, 8, 8], "finetune.target.dataset: fashion_mnist has 3-channel images but base kiln v1 takes 1 channels"),
+    ([1, 12, 12], "finetune.target.image_side: the target's images are 12x12 but base kiln v1 takes 8x8"),
+])
+def test_a_base_that_cannot_take_the_target_is_refused(image_shape: list[int], problem: str) -> None:
+    base = Base("kiln", "1", "run", lenet(), {"spec": {"in_channels": 1, "image_size": 8}})
+    with pytest.raises(InputError, match=re.escape(problem)):
+        check_target(base, {"image_shape": image_shape}, validate_params(TINY_PARAMS))
+
+
 # The finetune stage of the session's tiny pipeline run (tests/conftest.py's `reproduced`).
 
 def stage_paths(repo: Path, params: Path) -> dict[str, Path]:
@@ -144,7 +157,8 @@ def stage_paths(repo: Path, params: Path) -> dict[str, Path]:
 
 
 @pytest.mark.slow
-def test_the_champion_is_fine_tuned_compared_and_registered_with_its_lineage(reproduced: Path) -> None:
+def test_the_champion_is_fine_tuned_compared_and_registered_with_its_lineage(reproduced: Path,
+                                                                             tmp_path: Path) -> None:
     methods = json.loads((reproduced / "reports/finetune/methods.json").read_text())
     rows = {row["method"]: row for row in methods["methods"]}
     assert list(rows) == METHODS and methods["selected"] == "lora"
@@ -166,11 +180,11 @@ def test_the_champion_is_fine_tuned_compared_and_registered_with_its_lineage(rep
         epochs = client.get_metric_history(run.info.run_id, "val_accuracy")
         assert len(epochs) >= TINY_PARAMS["finetune"]["epochs"], "per-epoch curves"
     images = load_split(reproduced / "data/finetune", "test")[0][:20]
-    np.save(reproduced / "fashion8.npy", images)
-    env = {"MLFLOW_TRACKING_URI": f"sqlite:///{reproduced / 'mlflow.db'}"}
-    subprocess.run(["kiln", "predict", "fashion8.npy", "--model-uri", "models:/kiln-fashion@champion", "--output",
-                    "fashion8.csv"], cwd=reproduced, check=True, env={**os.environ, **env})
-    assert len((reproduced / "fashion8.csv").read_text().splitlines()) == 21
+    np.save(tmp_path / "fashion8.npy", images)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{reproduced / 'mlflow.db'}"}
+    subprocess.run(["kiln", "predict", str(tmp_path / "fashion8.npy"), "--model-uri", "models:/kiln-fashion@champion",
+                    "--output", str(tmp_path / "fashion8.csv")], cwd=reproduced, check=True, env=env)
+    assert len((tmp_path / "fashion8.csv").read_text().splitlines()) == 21
 
 
 @pytest.mark.slow
