@@ -15,12 +15,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
 import numpy as np
-import onnx
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 from torch import nn
@@ -34,13 +32,13 @@ from kiln.core.prepared import load_split, read_manifest, stratified_head, to_fl
 from kiln.core.tracking import lineage_tags, use_experiment
 from kiln.evaluate import explain
 from kiln.evaluate.measures import perturbed_sets
-from kiln.evaluate.registry import PREDICTIONS, Decision, Gate, predictions_record, promote, resolve_version
+from kiln.evaluate.publish import gate, pinned, register_onnx
+from kiln.evaluate.registry import PREDICTIONS, Decision, predictions_record, resolve_version
 from kiln.evaluate.report import REPORTS, Candidate, Evaluated, evaluate_candidates, summary_metrics, write_reports
 
 EXAMPLE_ROWS = 2  # of the logged input example: torch.export would fix a batch dimension of 1
 REGISTRATION = "registration.json"
 FINETUNE_BASE = "finetune_base.json"
-SOURCE = "source"  # the deployable run's folder of the PyTorch model it came from
 
 
 def run(params: Params, data: Path, model: Path, deployable: Path, selection: Path,
@@ -116,16 +114,10 @@ def log_and_register(params: Params, models: dict[str, Evaluated], fidelity: dic
                                      signature=infer_signature(example, baseline.candidate.logits(example)),
                                      pip_requirements=pinned("torch"))
         with child_run(deployable, lineage, x_test, y_test, out["confusion"]):
-            mlflow.log_artifact(str(baseline.candidate.path), SOURCE)
-            info = mlflow.onnx.log_model(
-                onnx.load(str(deployable.candidate.path)), name="model", input_example=example,
-                metadata={"classes": classes}, signature=infer_signature(example, deployable.candidate.logits(example)),
-                pip_requirements=pinned("onnx", "onnxruntime"))
-            name = params.tracking.registered_model
-            registered = mlflow.register_model(info.model_uri, name, tags={
-                **lineage, "kiln.variant": variant, "kiln.evaluate_run_id": parent.info.run_id})
-            gate = Gate(params.evaluate.gate_metric, params.evaluate.gate_margin, params.evaluate.gate_alpha)
-            decision = promote(MlflowClient(), name, registered.version, gate)
+            decision = register_onnx(
+                deployable.candidate.path, baseline.candidate.path, deployable.candidate.logits, example, classes,
+                params.tracking.registered_model,
+                {**lineage, "kiln.variant": variant, "kiln.evaluate_run_id": parent.info.run_id}, gate(params))
             log_decision(decision)
         log_decision(decision)
     return decision
@@ -153,7 +145,3 @@ def log_decision(decision: Decision) -> None:
     mlflow.log_metrics({f"gate_{key}": getattr(decision, key) for key in ("delta", "b", "c", "p_value")
                         if getattr(decision, key) is not None})
 
-
-def pinned(*packages: str) -> list[str]:
-    """pip requirements pinning the installed versions (MLflow would otherwise infer them, slowly)."""
-    return [f"{name}=={version(name)}" for name in packages]

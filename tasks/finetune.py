@@ -18,23 +18,22 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import onnx
 import torch
 from mlflow import MlflowClient
-from mlflow.models import infer_signature
 from sklearn.metrics import f1_score
 
 from kiln.compress.onnx_export import export_onnx
 from kiln.core import ray_cluster
 from kiln.core.errors import InputError
 from kiln.core.files import atomic_path, write_json
-from kiln.core.inference import onnx_logits, predict_batches, torch_logits
+from kiln.core.inference import accuracy, onnx_logits, predict_batches, torch_logits
 from kiln.core.models import save_trained_model
 from kiln.core.params import ADAPTERS, Params
 from kiln.core.prepared import load_split, per_class, read_manifest, to_float
 from kiln.core.tracking import lineage_tags, use_experiment
-from kiln.evaluate.registry import PREDICTIONS, Decision, Gate, predictions_record, promote, resolve_version
-from kiln.finetune.base import SOURCE_MODEL, Base, load_base
+from kiln.evaluate.publish import gate, register_onnx
+from kiln.evaluate.registry import PREDICTIONS, Decision, predictions_record, resolve_version
+from kiln.finetune.base import Base, load_base
 from kiln.finetune.methods import check_targets
 from kiln.finetune.report import markdown, save_accuracy_plot
 from kiln.finetune.training import Tuned, finetune
@@ -142,8 +141,7 @@ def run(params: Params, base: Path, data: Path, model: Path, onnx_model: Path, r
 
 def method_row(method: str, result: Tuned, x_test: np.ndarray, y_test: np.ndarray) -> dict:
     """One method's line of the comparison: test and final val accuracy, trainable parameters, costs."""
-    predicted = predict_batches(torch_logits(result.model), to_float(x_test)).argmax(1)
-    return {"method": method, "test_accuracy": float(np.mean(predicted == y_test)),
+    return {"method": method, "test_accuracy": accuracy(torch_logits(result.model), to_float(x_test), y_test),
             "val_accuracy": result.history[-1]["val_accuracy"], "trainable_parameters": result.trainable_parameters,
             "trainable_fraction": result.trainable_parameters / result.parameters,
             "adapter_bytes": result.adapter_bytes, "wall_seconds": round(result.wall_seconds, 2)}
@@ -151,21 +149,14 @@ def method_row(method: str, result: Tuned, x_test: np.ndarray, y_test: np.ndarra
 
 def register(params: Params, run_id: str, onnx_file: Path, model_file: Path, tags: dict[str, str], parent_id: str,
              x_test: np.ndarray, y_test: np.ndarray, classes: list[str]) -> Decision:
-    """Log the selected method's ONNX model (what batch inference loads), PyTorch weights and paired test predictions
-    in its run, register it and let evaluate's gate move the aliases; returns the gate's decision."""
-    settings = params.finetune
+    """In the selected method's run: its test metrics and paired predictions from the ONNX model (what batch inference
+    loads), then that model registered as a version of finetune.registered_model through evaluate's gate."""
     logits = onnx_logits(onnx_file)
     predicted = predict_batches(logits, to_float(x_test)).argmax(1)
-    example = to_float(x_test[:2])
     with mlflow.start_run(run_id=run_id, nested=True):
         mlflow.log_metrics({"test_accuracy": float(np.mean(predicted == y_test)),
                             "test_macro_f1": float(f1_score(y_test, predicted, average="macro"))})
         mlflow.log_dict(predictions_record(x_test, y_test, predicted), PREDICTIONS)
-        mlflow.log_artifact(str(model_file), str(Path(SOURCE_MODEL).parent))
-        info = mlflow.onnx.log_model(onnx.load(str(onnx_file)), name="model", input_example=example,
-                                     metadata={"classes": classes},
-                                     signature=infer_signature(example, logits(example)))
-        registered = mlflow.register_model(info.model_uri, settings.registered_model, tags={
-            **tags, "kiln.finetune_method": settings.select, "kiln.finetune_run_id": parent_id})
-    gate = Gate(params.evaluate.gate_metric, params.evaluate.gate_margin, params.evaluate.gate_alpha)
-    return promote(MlflowClient(), settings.registered_model, registered.version, gate)
+        tags = {**tags, "kiln.finetune_method": params.finetune.select, "kiln.finetune_run_id": parent_id}
+        return register_onnx(onnx_file, model_file, logits, to_float(x_test[:2]), classes,
+                             params.finetune.registered_model, tags, gate(params))

@@ -21,8 +21,9 @@ from kiln.core.errors import InputError
 from kiln.core.models import build_model, save_trained_model
 from kiln.core.params import ParamsError, apply_overrides, validate_params
 from kiln.core.prepared import load_split, per_class
+from kiln.evaluate.publish import SOURCE_MODEL
 from kiln.evaluate.registry import resolve_version
-from kiln.finetune.base import SOURCE_MODEL, Base, load_base
+from kiln.finetune.base import Base, load_base
 from kiln.finetune.methods import adapt, check_targets, merged, step_hook, trainable_parameters
 from kiln.prepare.datasets import read_digits, resized
 from tasks.finetune import check_target

@@ -14,8 +14,7 @@ from torch import nn
 
 from kiln.core.errors import InputError
 from kiln.core.models import load_trained_model
-
-SOURCE_MODEL = "source/model.pt"  # where evaluate keeps a registered version's PyTorch weights, in its run
+from kiln.evaluate.publish import SOURCE_MODEL
 
 
 @dataclass(frozen=True)
