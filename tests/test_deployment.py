@@ -46,10 +46,10 @@ def prefect_env(tmp_path_factory: pytest.TempPathFactory, ray_address: str) -> I
 
 def send(repo: Path, env: dict[str, str], overrides: dict, watch: bool) -> str:
     """`prefect deployment run 'kiln/local'` with `overrides`, watched to its end or not; returns the flow run id."""
-    watching = ["--watch", "--watch-timeout", "800"] if watch else []
+    watching = ["--watch", "--watch-timeout", "1200"] if watch else []
     sent = subprocess.run([str(BIN / "prefect"), "deployment", "run", "kiln/local", "--param",
                            f"overrides={json.dumps(overrides)}", *watching],
-                          cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=repo, env=env, capture_output=True, text=True, timeout=1300)
     return re.search(r"UUID: ([0-9a-f-]{36})", sent.stdout).group(1)
 
 
@@ -149,7 +149,7 @@ def test_deployment_runs_the_pipeline_on_a_worker(prefect_env: dict[str, str], t
         assert first["state"]["type"] == "COMPLETED", worker_log.read_text()[-8000:]
         pair = [send(repo, env, {"train.epochs": 3}, watch=False) for _ in range(2)]
         until(lambda: all(flow_run(env, run_id)["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
-                          for run_id in pair), 600, "two queued runs did not finish within 600 s", every=2)
+                          for run_id in pair), 900, "two queued runs did not finish within 900 s", every=2)
         pair_runs = [flow_run(env, run_id) for run_id in pair]
         killed_while_training_then_sent_again(repo, env, worker_log)
     finally:
