@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import BIN, TINY_PARAMS, alive, copy_repo, free_port, record_cases, repo_env, run, stop, until
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]  # three flow runs end to end, ~10 min alone on 2 cores
 KILLED_EPOCHS = 30  # long enough to kill the flow run while its train stage runs
 
 
