@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 KILN_LAYERS = {  # a kiln package -> the kiln packages it may import
     "core": {"core"}, "prepare": {"core", "prepare"}, "train": {"core", "train"},
     "tune": {"core", "train", "tune"}, "compress": {"core", "train", "compress"}, "evaluate": {"core", "evaluate"},
-    "platform": {"core", "platform"}, "finetune": {"core", "train", "finetune"},
+    "platform": {"core", "platform"}, "finetune": {"core", "train", "evaluate", "finetune"},
 }
 
 
