@@ -32,7 +32,7 @@ from kiln.core.prepared import load_split, read_manifest, stratified_head, to_fl
 from kiln.core.tracking import lineage_tags, use_experiment
 from kiln.evaluate import explain
 from kiln.evaluate.measures import perturbed_sets
-from kiln.evaluate.publish import gate, pinned, register_onnx
+from kiln.evaluate.publish import pinned, promotion_gate, register_onnx
 from kiln.evaluate.registry import PREDICTIONS, Decision, predictions_record, resolve_version
 from kiln.evaluate.report import REPORTS, Candidate, Evaluated, evaluate_candidates, summary_metrics, write_reports
 
@@ -117,7 +117,8 @@ def log_and_register(params: Params, models: dict[str, Evaluated], fidelity: dic
             decision = register_onnx(
                 deployable.candidate.path, baseline.candidate.path, deployable.candidate.logits, example, classes,
                 params.tracking.registered_model,
-                {**lineage, "kiln.variant": variant, "kiln.evaluate_run_id": parent.info.run_id}, gate(params))
+                {**lineage, "kiln.variant": variant, "kiln.evaluate_run_id": parent.info.run_id},
+                promotion_gate(params))
             log_decision(decision)
         log_decision(decision)
     return decision

@@ -31,7 +31,7 @@ from kiln.core.models import save_trained_model
 from kiln.core.params import ADAPTERS, Params
 from kiln.core.prepared import load_split, per_class, read_manifest, to_float
 from kiln.core.tracking import lineage_tags, use_experiment
-from kiln.evaluate.publish import gate, register_onnx
+from kiln.evaluate.publish import promotion_gate, register_onnx
 from kiln.evaluate.registry import PREDICTIONS, Decision, predictions_record, resolve_version
 from kiln.finetune.base import Base, load_base
 from kiln.finetune.methods import check_targets
@@ -159,4 +159,4 @@ def register(params: Params, run_id: str, onnx_file: Path, model_file: Path, tag
         mlflow.log_dict(predictions_record(x_test, y_test, predicted), PREDICTIONS)
         tags = {**tags, "kiln.finetune_method": params.finetune.select, "kiln.finetune_run_id": parent_id}
         return register_onnx(onnx_file, model_file, logits, to_float(x_test[:2]), classes,
-                             params.finetune.registered_model, tags, gate(params))
+                             params.finetune.registered_model, tags, promotion_gate(params))

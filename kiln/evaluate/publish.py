@@ -27,7 +27,7 @@ def pinned(*packages: str) -> list[str]:
     return [f"{name}=={version(name)}" for name in packages]
 
 
-def gate(params: Params) -> Gate:
+def promotion_gate(params: Params) -> Gate:
     """The promotion gate every registration passes (evaluate.gate_metric, gate_margin, gate_alpha)."""
     return Gate(params.evaluate.gate_metric, params.evaluate.gate_margin, params.evaluate.gate_alpha)
 

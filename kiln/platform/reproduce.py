@@ -3,9 +3,9 @@
 The version's tags name the DVC experiment that produced it (kiln.platform.lineage): the git repository, the ref and
 the commit, whose params.yaml, dvc.lock and reports are the run's record. `reproduce` checks that commit out in a fresh
 workspace, gets the recorded data (from the DVC remote in KILN_DVC_REMOTE, else from the cache of the checkout the
-repository lives in), re-runs every stage with `dvc repro --force --single-item` against a scratch MLflow store, and
-compares each stage's new outputs with the recorded ones. It then puts the recorded outputs back, so the next stage
-starts from exactly the inputs the original run had.
+repository lives in), re-runs each stage up to the registration (those POLICY checks) with `dvc repro --force
+--single-item` against a scratch MLflow store, and compares each stage's new outputs with the recorded ones. It then
+puts the recorded outputs back, so the next stage starts from exactly the inputs the original run had.
 
 The policy, on the same CPU class (POLICY): prepare's data, train's per-epoch metrics, compress's per-variant
 accuracies and evaluate's metrics must be identical; timings (latency, images/s) are measured, not compared. Tune's
@@ -164,13 +164,14 @@ def restore(workspace: Path, lineage: Lineage, stage: str) -> None:
 
 
 def reproduce(lineage: Lineage, workspace: Path, echo: Callable[[str], None]) -> list[StageCheck]:
-    """Re-run every stage of the recorded experiment in `workspace`, checking each against POLICY, then restoring the
+    """Re-run each stage of the recorded experiment that POLICY checks in `workspace`, checking it, then restoring the
     recorded outputs for the next stage."""
     checkout(lineage, workspace)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'reproduce-mlflow.db'}"}
     checks = []
-    for stage in (name for name in stages(workspace) if name in POLICY):  # the stages up to the registration;
-        command = ["dvc", "repro", "--force", "--single-item", stage]      # fine-tuning registers models of its own
+    # the stages POLICY checks, up to the registration; fine-tuning after it registers models of its own
+    for stage in (name for name in stages(workspace) if name in POLICY):
+        command = ["dvc", "repro", "--force", "--single-item", stage]
         code, _ = stream(command, echo, cwd=workspace, env=env)
         if code:
             raise CommandError(f"`{' '.join(command)}` exited {code} in {workspace}")
