@@ -74,7 +74,7 @@ def test_stock_and_tiny_params_are_valid() -> None:
         ({"tune.grace_period": 99}, "grace_period (99) exceeds epochs"),
         ({"tune.workers_per_trial": 2, "tune.cpus_per_trial": 2}, "a trial asking for 4 CPUs"),
         ({"tune.search_space.lr": {"type": "quniform", "low": 0.1, "high": 0.5}}, "'quniform' needs 'q'"),
-        ({"tune.search": "tpe", "tune.search_space.lr": {"type": "qloguniform", "low": 0.01, "high": 0.5, "q": 0.01}},
+        ({"tune.search_space.lr": {"type": "qloguniform", "low": 0.01, "high": 0.5, "q": 0.01}},
          "tpe (Optuna) cannot quantise a log scale: ['lr']"),
         ({"tune.search_space.momentum": {"type": "choice", "values": []}}, "'choice' needs a non-empty 'values'"),
     ],
