@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 
-from kiln.core.models import build_model, load_trained_model
+from kiln.core.models import TaskHead, build_model, load_trained_model
 from kiln.core.params import ParamsError, apply_overrides, validate_params
 from kiln.core.prepared import load_split, read_manifest, task_folders
-from kiln.train.augment import AugmentSettings
+from kiln.core.tasks import TaskLayout, combined
 from kiln.train.loop import VAL_BATCH, validate
-from kiln.train.multitask import EqualShares, Head, TaskLayout, combined, own_head_predictions, weighted_loss
+from kiln.train.multitask import EqualShares, own_head_predictions, weighted_loss
 from kiln.train.recipe import make_loader
 from tasks import prepare
 from tasks import train as train_stage
@@ -26,9 +26,10 @@ from tests.conftest import REPO, TINY_PARAMS, repo_env
 
 # Digits and Fashion-MNIST brought to digits' 8x8: two 10-class tasks on one lenet trunk.
 TWO_TASKS = {"prepare.image_side": 8, "train.tasks": {"digits": 1.0, "fashion_mnist": 0.5},
-             "train.augmentation": {"digits": {}, "fashion_mnist": {"hflip": True}}}
+             "train.augmentation": {"digits": {}, "fashion_mnist": {"hflip": True}},
+             "compress.variants": ["fp32", "int8"]}
 LAYOUT = TaskLayout(names=("digits", "fashion_mnist"), classes=(10, 3), weights=(1.0, 0.5),
-                    augments=(AugmentSettings(), AugmentSettings()))
+                    augments=({}, {}))
 
 
 def two_task_params(**overrides: object):
@@ -45,6 +46,7 @@ def two_task_params(**overrides: object):
                                    "prepare.image_side"),
     ({"train.augmentation": {"digits": {}}}, "train.augmentation has no entry for the task 'fashion_mnist'"),
     ({"train.adversarial": {"method": "fgsm"}}, "train.adversarial: adversarial examples are single-task"),
+    ({"compress.variants": ["fp32", "int8", "pruned"]}, "compress.variants ['pruned'] are single-task"),
     ({"tune.metric": "val_accuracy_cifar10"}, "tune.metric: 'val_accuracy_cifar10' names no task of train.tasks"),
     ({"tune.metric": "accuracy_digits"}, "tune.metric: String should match pattern"),
 ])
@@ -121,10 +123,10 @@ def test_a_two_task_run_trains_both_heads(two_task_prepared: Path, tmp_path: Pat
     assert "| fashion_mnist val_loss" in capfd.readouterr().out, "the progress line shows each task"
     model, saved = load_trained_model(str(tmp_path / "model.pt"))
     assert saved["spec"]["tasks"] == {"digits": 10, "fashion_mnist": 10}
-    layout = TaskLayout(("digits", "fashion_mnist"), (10, 10), (1.0, 0.5), (AugmentSettings(),) * 2)
+    layout = TaskLayout(("digits", "fashion_mnist"), (10, 10), (1.0, 0.5), ({},) * 2)
     for index, (task, folder) in enumerate(task_folders(two_task_prepared).items()):
         x_val, y_val = load_split(folder, "val")
-        stats = validate(Head(model, layout.columns(index)), make_loader(x_val, y_val, VAL_BATCH, False, 0))
+        stats = validate(TaskHead(model, layout.columns(index)), make_loader(x_val, y_val, VAL_BATCH, False, 0))
         assert stats.accuracy == pytest.approx(final[f"val_accuracy_{task}"]), "the saved model is the one measured"
         assert stats.accuracy > {"digits": 0.6, "fashion_mnist": 0.5}[task], f"the {task} head learned"
     assert final["val_accuracy"] == pytest.approx(np.mean([final[f"val_accuracy_{task}"] for task in layout.names]))

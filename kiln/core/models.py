@@ -181,6 +181,34 @@ class MultiTaskNet(nn.Module):
         return torch.cat([head(features) for head in self.heads.values()], 1)
 
 
+class TaskHead(nn.Module):
+    """One task's logits of a multi-task model."""
+
+    def __init__(self, model: nn.Module, columns: slice) -> None:
+        super().__init__()
+        self.model, self.columns = model, columns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[:, self.columns]
+
+
+class TaskOutputs(nn.Module):
+    """A multi-task model with one output per task (its head's logits), for export: ONNX names each."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.counts = model, list(task_heads(model).values())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.split(self.model(x), self.counts, dim=1))
+
+
+def task_heads(model: nn.Module) -> dict[str, int]:
+    """A multi-task model's tasks and their class counts, in output order; {} for a single-task model."""
+    net = model[1] if isinstance(model, nn.Sequential) and len(model) > 1 else model
+    return dict(net.tasks) if isinstance(net, MultiTaskNet) else {}
+
+
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int, mean: Sequence[float],
                 std: Sequence[float], widths: Sequence[int] | None = None, dropout: float = 0.0,
                 tasks: dict[str, int] | None = None) -> nn.Module:

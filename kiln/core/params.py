@@ -400,6 +400,10 @@ class Params(Strict):
         dataset, side, tasks = self.prepare.dataset, self.prepare.side, self.train.tasks
         if tasks:
             _check_tasks(tasks, dataset, self.prepare.image_side)
+            single = sorted(set(self.compress.variants) - {"fp32", "int8"})
+            if single:
+                raise ValueError(f"compress.variants {single} are single-task (their recovery training and "
+                                 "distillation take one head); with train.tasks use [fp32, int8]")
             if self.train.adversarial.method != "none":
                 raise ValueError("train.adversarial: adversarial examples are single-task; set method: none with "
                                  "train.tasks")

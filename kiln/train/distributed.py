@@ -18,9 +18,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from kiln.core.errors import InputError
 from kiln.core.models import build_model
+from kiln.core.tasks import TaskLayout
 from kiln.train.checkpoint import load, restore, save, training_state
 from kiln.train.loop import VAL_BATCH, EarlyStopping, Hooks, Progress, run_epochs
-from kiln.train.multitask import EqualShares, TaskLayout, multitask_hooks
+from kiln.train.multitask import EqualShares, multitask_hooks
 from kiln.train.recipe import make_loader, make_optimizer, make_scheduler, seed_everything, to_dataset
 
 

@@ -1,12 +1,9 @@
-"""Multi-task training through the one loop: the tasks' training sets concatenated, each label offset into its task's
-columns of the model's logits (kiln.core.models.MultiTaskNet); batches drawn from every task by a rule; the task
-losses summed by weight; each task's own augmentation; validation per task."""
+"""Multi-task training through the one loop (kiln.core.tasks lays the tasks out): batches drawn from every task by a
+rule, the task losses summed by weight, each task's own augmentation, validation per task."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,85 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from kiln.core.errors import InputError
-from kiln.core.params import Params
-from kiln.core.prepared import load_split, read_manifest, task_folders
+from kiln.core.models import TaskHead
+from kiln.core.tasks import TaskLayout
 from kiln.train.augment import AugmentSettings, augment
 from kiln.train.loop import validate
-from kiln.train.recipe import dataset_augmentation
-
-
-@dataclass(frozen=True)
-class TaskLayout:
-    """The tasks of a multi-task model, in the order of its heads: class counts, loss weights, augmentation."""
-
-    names: tuple[str, ...]
-    classes: tuple[int, ...]
-    weights: tuple[float, ...]
-    augments: tuple[AugmentSettings, ...]
-    sampling: str = "proportional"  # batches: proportional to each task's training-set size | equal shares
-
-    @property
-    def offsets(self) -> list[int]:
-        """The first logit column of each task."""
-        return np.cumsum([0, *self.classes[:-1]]).tolist()
-
-    def columns(self, index: int) -> slice:
-        return slice(self.offsets[index], self.offsets[index] + self.classes[index])
-
-    def task_of(self, labels: torch.Tensor) -> torch.Tensor:
-        """The task index of each offset label."""
-        return torch.bucketize(labels, torch.tensor(self.offsets[1:], device=labels.device), right=True)
-
-    def sizes(self, labels: np.ndarray) -> list[int]:
-        """How many of the offset `labels` belong to each task."""
-        return np.bincount(self.task_of(torch.from_numpy(labels)).numpy(), minlength=len(self.names)).tolist()
-
-
-@dataclass(frozen=True)
-class TaskData:
-    """A run's prepared arrays: the training set (every task's combined, labels offset, in a multi-task run) and each
-    task's validation split with its own labels; `layout` is None for a single task."""
-
-    layout: TaskLayout | None
-    x_train: np.ndarray
-    y_train: np.ndarray
-    val: list[tuple[np.ndarray, np.ndarray]]
-    manifests: dict[str, dict[str, Any]]
-
-    def arrays(self, keep: np.ndarray | None = None) -> dict[str, Any]:
-        """What a training worker gets (kiln.train.distributed.train_worker, tune trials), training items `keep`
-        (all by default)."""
-        keep = slice(None) if keep is None else keep
-        validation = {"val_by_task": self.val} if self.layout else {"x_val": self.val[0][0], "y_val": self.val[0][1]}
-        return {"x_train": self.x_train[keep], "y_train": self.y_train[keep], "layout": self.layout, **validation}
-
-
-def load_tasks(params: Params, data: Path) -> TaskData:
-    """The prepared tasks in `data` (the primary first), checked against the ones params name; raises InputError
-    when train.tasks changed since prepare ran."""
-    folders = task_folders(data)
-    if set(folders) != set(params.task_weights):
-        raise InputError(f"train.tasks: {data} holds the tasks {list(folders)}, params name "
-                         f"{list(params.task_weights)}; run `dvc repro prepare` to prepare them")
-    manifests = {task: read_manifest(folder) for task, folder in folders.items()}
-    train_sets = [load_split(folder, "train") for folder in folders.values()]
-    val = [load_split(folder, "val") for folder in folders.values()]
-    if len(folders) == 1:
-        return TaskData(None, *train_sets[0], val, manifests)
-    layout = TaskLayout(
-        names=tuple(folders), classes=tuple(len(manifest["classes"]) for manifest in manifests.values()),
-        weights=tuple(params.task_weights[task] for task in folders),
-        augments=tuple(dataset_augmentation(params.train, task) for task in folders),
-        sampling=params.train.task_sampling)
-    return TaskData(layout, *combined(train_sets, layout), val, manifests)
-
-
-def combined(splits: Sequence[tuple[np.ndarray, np.ndarray]], layout: TaskLayout) -> tuple[np.ndarray, np.ndarray]:
-    """Every task's (images, labels) as one set, labels offset into their task's columns."""
-    images = np.concatenate([x for x, _ in splits])
-    labels = np.concatenate([y + offset for (_, y), offset in zip(splits, layout.offsets, strict=True)])
-    return images, labels
 
 
 def weighted_loss(layout: TaskLayout, label_smoothing: float = 0.0) -> Any:
@@ -127,26 +49,17 @@ def own_head_predictions(layout: TaskLayout) -> Any:
 def augment_by_task(layout: TaskLayout) -> Any:
     """The loop's augment hook: each task's items augmented by that task's settings."""
 
+    settings_by_task = [AugmentSettings(**settings) for settings in layout.augments]
+
     def apply(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         task, images = layout.task_of(labels), images.clone()
-        for index, settings in enumerate(layout.augments):
+        for index, settings in enumerate(settings_by_task):
             mine = task == index
             if settings.active and mine.any():
                 images[mine] = augment(images[mine], settings)
         return images
 
     return apply
-
-
-class Head(nn.Module):
-    """One task's logits of a multi-task model."""
-
-    def __init__(self, model: nn.Module, columns: slice) -> None:
-        super().__init__()
-        self.model, self.columns = model, columns
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[:, self.columns]
 
 
 def per_task_validation(layout: TaskLayout, loaders: Sequence[DataLoader]) -> Any:
@@ -156,7 +69,7 @@ def per_task_validation(layout: TaskLayout, loaders: Sequence[DataLoader]) -> An
     def run(model: nn.Module) -> dict[str, float]:
         metrics = {}
         for index, (name, loader) in enumerate(zip(layout.names, loaders, strict=True)):
-            stats = validate(Head(model, layout.columns(index)), loader)
+            stats = validate(TaskHead(model, layout.columns(index)), loader)
             metrics.update({f"val_loss_{name}": stats.loss, f"val_accuracy_{name}": stats.accuracy})
         return {"val_loss": float(np.mean([metrics[f"val_loss_{name}"] for name in layout.names])),
                 "val_accuracy": float(np.mean([metrics[f"val_accuracy_{name}"] for name in layout.names])), **metrics}

@@ -14,10 +14,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from torch.utils.data import DataLoader
 
 from kiln.core.models import build_model
+from kiln.core.tasks import TaskLayout
 from kiln.train.checkpoint import load, restore, save, training_state
 from kiln.train.distributed import TorchTrainer, train_worker
 from kiln.train.loop import VAL_BATCH, Hooks, Progress, run_epochs
-from kiln.train.multitask import EqualShares, TaskLayout, multitask_hooks
+from kiln.train.multitask import EqualShares, multitask_hooks
 from kiln.train.recipe import (
     Recipe,
     apply_hyperparameters,
