@@ -9,20 +9,23 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 import yaml
+from mlflow.models import get_model_info
 
+from kiln.core.files import read_json
 from kiln.core.models import TaskHead, build_model, load_trained_model
 from kiln.core.params import ParamsError, apply_overrides, validate_params
 from kiln.core.prepared import load_split, read_manifest, task_folders
-from kiln.core.tasks import TaskLayout, combined
+from kiln.core.tasks import TaskLayout
 from kiln.train.loop import VAL_BATCH, validate
 from kiln.train.multitask import EqualShares, own_head_predictions, weighted_loss
 from kiln.train.recipe import make_loader
-from tasks import prepare
+from tasks import compress, evaluate, prepare
 from tasks import train as train_stage
-from tests.conftest import REPO, TINY_PARAMS, repo_env
+from tests.conftest import BIN, REPO, TINY_PARAMS, repo_env
 
 # Digits and Fashion-MNIST brought to digits' 8x8: two 10-class tasks on one lenet trunk.
 TWO_TASKS = {"prepare.image_side": 8, "train.tasks": {"digits": 1.0, "fashion_mnist": 0.5},
@@ -113,25 +116,52 @@ def test_prepare_writes_every_tasks_splits(two_task_prepared: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_two_task_run_trains_both_heads(two_task_prepared: Path, tmp_path: Path, ray_address: str,
-                                          monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
+def test_a_two_task_model_trains_compresses_evaluates_registers_and_serves_each_head(
+        two_task_prepared: Path, tmp_path: Path, ray_address: str, monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture) -> None:
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     params = two_task_params(**{"train.epochs": 3, "train.task_sampling": "equal", "train.batch_size": 64})
     final = train_stage.run(params, two_task_prepared, tmp_path / "unused.json", tmp_path / "model.pt",
-                            tmp_path / "reports")
+                            tmp_path / "train")
     assert "| fashion_mnist val_loss" in capfd.readouterr().out, "the progress line shows each task"
     model, saved = load_trained_model(str(tmp_path / "model.pt"))
     assert saved["spec"]["tasks"] == {"digits": 10, "fashion_mnist": 10}
     layout = TaskLayout(("digits", "fashion_mnist"), (10, 10), (1.0, 0.5), ({},) * 2)
-    for index, (task, folder) in enumerate(task_folders(two_task_prepared).items()):
-        x_val, y_val = load_split(folder, "val")
-        stats = validate(TaskHead(model, layout.columns(index)), make_loader(x_val, y_val, VAL_BATCH, False, 0))
+    folders = task_folders(two_task_prepared)
+    for index, (task, folder) in enumerate(folders.items()):
+        stats = validate(TaskHead(model, layout.columns(index)), make_loader(*load_split(folder, "val"), VAL_BATCH,
+                                                                             False, 0))
         assert stats.accuracy == pytest.approx(final[f"val_accuracy_{task}"]), "the saved model is the one measured"
-        assert stats.accuracy > {"digits": 0.6, "fashion_mnist": 0.5}[task], f"the {task} head learned"
+        assert stats.accuracy > {"digits": 0.8, "fashion_mnist": 0.6}[task], f"the {task} head learned"
     assert final["val_accuracy"] == pytest.approx(np.mean([final[f"val_accuracy_{task}"] for task in layout.names]))
-    with open(tmp_path / "reports/history.csv") as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == 3 and "val_loss_fashion_mnist" in rows[0]
-    x, y = combined([load_split(f, "train") for f in task_folders(two_task_prepared).values()], layout)
-    assert y.max() == 19 and len(x) == len(y)
+
+    compress.run(params, tmp_path / "model.pt", two_task_prepared, tmp_path / "onnx", tmp_path / "compress")
+    deployable = tmp_path / "onnx/deployable.onnx"
+    assert [output.name for output in onnx.load(str(deployable)).graph.output] == ["logits_digits",
+                                                                                   "logits_fashion_mnist"]
+    summary, decision = evaluate.run(params, two_task_prepared, tmp_path / "model.pt", deployable,
+                                     tmp_path / "compress/selection.json", tmp_path / "evaluate")
+    assert decision.promoted and summary["test_accuracy"] == pytest.approx(
+        (summary["test_accuracy_digits"] + summary["test_accuracy_fashion_mnist"]) / 2)
+    assert read_json(tmp_path / "evaluate/tasks/fashion_mnist/metrics.json")["test_accuracy"] == pytest.approx(
+        summary["test_accuracy_fashion_mnist"]), "the other task's reports are its own"
+    signature = get_model_info("models:/kiln@champion").signature
+    assert signature.outputs.input_names() == ["logits_digits", "logits_fashion_mnist"]
+
+    for task, folder in folders.items():
+        images, labels = load_split(folder, "test")
+        np.save(tmp_path / f"{task}.npy", images[:300])
+        done = subprocess.run([str(BIN / "kiln"), "predict", str(tmp_path / f"{task}.npy"), "--task", task,
+                               "--output", str(tmp_path / f"{task}.csv")], cwd=tmp_path, env=repo_env(),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        classes = read_manifest(folder)["classes"]
+        with open(tmp_path / f"{task}.csv") as handle:
+            predicted = [row["predicted"] for row in csv.DictReader(handle)]
+        hits = np.mean([name == classes[label] for name, label in zip(predicted, labels[:300], strict=True)])
+        assert hits == pytest.approx(summary[f"test_accuracy_{task}"], abs=0.06), f"{task}'s head serves {task}"
+    refused = subprocess.run([str(BIN / "kiln"), "predict", str(tmp_path / "digits.npy")], cwd=tmp_path,
+                             env=repo_env(), capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "pass --task, one of digits, fashion_mnist" in refused.stderr
