@@ -68,7 +68,7 @@ def test_stock_and_tiny_params_are_valid() -> None:
         ({"tune.scheduler": "hyperband"}, "tune.scheduler: Input should be 'fifo', 'asha' or 'pbt'"),
         ({"tune.search": "grid"}, "search: grid needs every search_space dimension of type 'grid'"),
         ({"tune.search_space.lr": {"type": "grid", "values": [0.1]}}, "'grid' dimensions ['lr'] need search: grid"),
-        ({"tune.scheduler": "pbt", "tune.search": "tpe"}, "scheduler: pbt explores by itself; use search: random or grid"),
+        ({"tune.scheduler": "pbt"}, "scheduler: pbt explores by itself; use search: random or grid"),
         ({"tune.mode": "min"}, "metric val_accuracy is optimised with mode: max, not min"),
         ({"tune.metric": "accuracy"}, "tune.metric: String should match pattern"),
         ({"tune.grace_period": 99}, "grace_period (99) exceeds epochs"),
