@@ -21,7 +21,7 @@ from kiln.core.models import build_model
 from kiln.core.tasks import TaskLayout
 from kiln.train.checkpoint import load, restore, save, training_state
 from kiln.train.loop import VAL_BATCH, EarlyStopping, Hooks, Progress, run_epochs
-from kiln.train.multitask import EqualShares, multitask_hooks
+from kiln.train.multitask import equal_shares, multitask_hooks, validation_sets
 from kiln.train.recipe import make_loader, make_optimizer, make_scheduler, seed_everything, to_dataset
 
 
@@ -37,13 +37,12 @@ class TorchTrainer(ray.train.torch.TorchTrainer):
         return [callback for callback in callbacks if not isinstance(callback, PlacementGroupCleanerCallback)]
 
 
-def shuffled_loader(data: dict[str, Any], batch_size: int, seed: int, rank: int, world: int,
-                    equal_shares: list[int] | None = None) -> DataLoader:
-    """This worker's shard of the training set, reshuffled by (seed, epoch) once `set_epoch` is called, or, given
-    the task sizes of a combined multi-task set, drawn in equal shares per task; Ray's preparation moves its batches
-    to the worker's device."""
+def shuffled_loader(data: dict[str, Any], batch_size: int, seed: int, rank: int, world: int) -> DataLoader:
+    """This worker's shard of the training set, reshuffled by (seed, epoch) once `set_epoch` is called (a multi-task
+    run drawing equal shares: kiln.train.multitask.EqualShares); Ray's preparation moves its batches to the worker's
+    device."""
     dataset = to_dataset(data["x_train"], data["y_train"])
-    sampler = (EqualShares(equal_shares, seed, rank, world) if equal_shares else
+    sampler = (equal_shares(data, seed, rank, world) or
                DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed))
     return ray.train.torch.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, sampler=sampler),
                                                add_dist_sampler=False)  # the sampler shards already
@@ -103,10 +102,9 @@ def train_worker(config: dict[str, Any]) -> None:
     if config.get("initial_state") is not None:
         model.load_state_dict(ray.get(config["initial_state"]))
     layout: TaskLayout | None = data.get("layout")  # a multi-task run's tasks
-    train_loader = shuffled_loader(data, max(1, config["batch_size"] // world), config["seed"], rank, world,
-                                   layout.sizes(data["y_train"]) if layout and layout.sampling == "equal" else None)
+    train_loader = shuffled_loader(data, max(1, config["batch_size"] // world), config["seed"], rank, world)
     val_loaders = [ray.train.torch.prepare_data_loader(make_loader(x, y, VAL_BATCH, False, 0))
-                   for x, y in (data["val_by_task"] if layout else [(data["x_val"], data["y_val"])])]
+                   for x, y in validation_sets(data)]
     val_loader = None if layout else val_loaders[0]
     device = ray.train.torch.get_device()
     if recipe.channels_last:

@@ -109,3 +109,17 @@ class EqualShares(Sampler[int]):
         items = torch.cat(picks)
         items = items[torch.randperm(len(items), generator=generator)]
         return iter(items[self.rank::self.world][:len(self)].tolist())
+
+
+def equal_shares(data: dict[str, Any], seed: int, rank: int = 0, world: int = 1) -> EqualShares | None:
+    """The training sampler of a multi-task run drawing equal shares (kiln.core.tasks.TaskData.arrays' `data`);
+    None otherwise (each item once per epoch, shuffled: the caller's default)."""
+    layout = data.get("layout")
+    if layout is None or layout.sampling != "equal":
+        return None
+    return EqualShares(layout.sizes(data["y_train"]), seed, rank, world)
+
+
+def validation_sets(data: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each task's validation (images, labels) in `data` (one task: its only split)."""
+    return data["val_by_task"] if data.get("layout") else [(data["x_val"], data["y_val"])]

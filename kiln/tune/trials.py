@@ -14,11 +14,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from torch.utils.data import DataLoader
 
 from kiln.core.models import build_model
-from kiln.core.tasks import TaskLayout
 from kiln.train.checkpoint import load, restore, save, training_state
 from kiln.train.distributed import TorchTrainer, train_worker
 from kiln.train.loop import VAL_BATCH, Hooks, Progress, run_epochs
-from kiln.train.multitask import EqualShares, multitask_hooks
+from kiln.train.multitask import equal_shares, multitask_hooks, validation_sets
 from kiln.train.recipe import (
     Recipe,
     apply_hyperparameters,
@@ -40,14 +39,10 @@ def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dic
     seed_everything(config["seed"])  # the initial weights: a function of the seed, not of what this process ran before
     model = build_model(**{**spec, "dropout": config["dropout"]})
     optimizer = make_optimizer(model, recipe)
-    layout: TaskLayout | None = data["layout"]  # a multi-task run's tasks
-    batch = int(config["batch_size"])
-    train_loader = (DataLoader(to_dataset(data["x_train"], data["y_train"]), batch_size=batch,
-                               sampler=EqualShares(layout.sizes(data["y_train"]), config["seed"]))
-                    if layout and layout.sampling == "equal" else
-                    make_loader(data["x_train"], data["y_train"], batch, True, config["seed"]))
-    val_loaders = [make_loader(x, y, VAL_BATCH, False, config["seed"])
-                   for x, y in (data["val_by_task"] if layout else [(data["x_val"], data["y_val"])])]
+    batch, sampler = int(config["batch_size"]), equal_shares(data, config["seed"])
+    train_loader = (make_loader(data["x_train"], data["y_train"], batch, True, config["seed"]) if sampler is None else
+                    DataLoader(to_dataset(data["x_train"], data["y_train"]), batch_size=batch, sampler=sampler))
+    val_loaders = [make_loader(x, y, VAL_BATCH, False, config["seed"]) for x, y in validation_sets(data)]
     scheduler = make_scheduler(optimizer, recipe, epochs, len(train_loader))
     progress = Progress()
     if (checkpoint := tune.get_checkpoint()) is not None:
@@ -60,6 +55,7 @@ def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dic
             state = training_state(model, optimizer, scheduler, None, progress)
             tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(save(folder, state)))
 
+    layout = data["layout"]  # a multi-task run's tasks (kiln.core.tasks.TaskLayout), or None
     extra = multitask_hooks(layout, val_loaders, recipe.label_smoothing) if layout else {}
     run_epochs(model, optimizer, train_loader, epochs, recipe, val_loader=val_loaders[0], scheduler=scheduler,
                progress=progress, seed=config["seed"], hooks=Hooks(on_epoch=report, **extra))
