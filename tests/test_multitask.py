@@ -150,18 +150,19 @@ def test_a_two_task_model_trains_compresses_evaluates_registers_and_serves_each_
     signature = get_model_info("models:/kiln@champion").signature
     assert signature.outputs.input_names() == ["logits_digits", "logits_fashion_mnist"]
 
+    predict = [str(BIN / "kiln"), "predict", "--model-uri", "models:/kiln@champion"]
     for task, folder in folders.items():
         images, labels = load_split(folder, "test")
         np.save(tmp_path / f"{task}.npy", images[:300])
-        done = subprocess.run([str(BIN / "kiln"), "predict", str(tmp_path / f"{task}.npy"), "--task", task,
-                               "--output", str(tmp_path / f"{task}.csv")], cwd=tmp_path, env=repo_env(),
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run([*predict, str(tmp_path / f"{task}.npy"), "--task", task, "--output",
+                               str(tmp_path / f"{task}.csv")], cwd=tmp_path, env=repo_env(), capture_output=True,
+                              text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         classes = read_manifest(folder)["classes"]
         with open(tmp_path / f"{task}.csv") as handle:
             predicted = [row["predicted"] for row in csv.DictReader(handle)]
         hits = np.mean([name == classes[label] for name, label in zip(predicted, labels[:300], strict=True)])
         assert hits == pytest.approx(summary[f"test_accuracy_{task}"], abs=0.06), f"{task}'s head serves {task}"
-    refused = subprocess.run([str(BIN / "kiln"), "predict", str(tmp_path / "digits.npy")], cwd=tmp_path,
-                             env=repo_env(), capture_output=True, text=True, timeout=120)
+    refused = subprocess.run([*predict, str(tmp_path / "digits.npy")], cwd=tmp_path, env=repo_env(),
+                             capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "pass --task, one of digits, fashion_mnist" in refused.stderr
