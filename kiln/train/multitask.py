@@ -1,9 +1,9 @@
 """Multi-task training through the one loop (kiln.core.tasks lays the tasks out): batches drawn from every task by a
-rule, the task losses summed by weight, each task's own augmentation, validation per task."""
+rule, each item's loss weighted by its task, each task's own augmentation, validation per task."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,10 +14,10 @@ from torch.utils.data import DataLoader, Sampler
 from kiln.core.models import TaskHead
 from kiln.core.tasks import TaskLayout
 from kiln.train.augment import AugmentSettings, augment
-from kiln.train.loop import validate
+from kiln.train.loop import Augment, Loss, Predict, validate
 
 
-def weighted_loss(layout: TaskLayout, label_smoothing: float = 0.0) -> Any:
+def weighted_loss(layout: TaskLayout, label_smoothing: float = 0.0) -> Loss:
     """The loop's loss hook: each item's cross-entropy on its own task's head, times its task's weight, averaged
     over the batch. A task counts by its share of the batches (the sampling rule) and its weight; a per-task mean
     instead would give the one item of a rare task a whole batch's pull, which wrecked proportional runs."""
@@ -35,7 +35,7 @@ def weighted_loss(layout: TaskLayout, label_smoothing: float = 0.0) -> Any:
     return loss
 
 
-def own_head_predictions(layout: TaskLayout) -> Any:
+def own_head_predictions(layout: TaskLayout) -> Predict:
     """The loop's predict hook: each item's argmax over its own task's columns (an offset label, like its target)."""
     column_task = torch.repeat_interleave(torch.arange(len(layout.classes)), torch.tensor(layout.classes))
 
@@ -46,9 +46,8 @@ def own_head_predictions(layout: TaskLayout) -> Any:
     return predict
 
 
-def augment_by_task(layout: TaskLayout) -> Any:
+def augment_by_task(layout: TaskLayout) -> Augment:
     """The loop's augment hook: each task's items augmented by that task's settings."""
-
     settings_by_task = [AugmentSettings(**settings) for settings in layout.augments]
 
     def apply(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -62,7 +61,8 @@ def augment_by_task(layout: TaskLayout) -> Any:
     return apply
 
 
-def per_task_validation(layout: TaskLayout, loaders: Sequence[DataLoader]) -> Any:
+def per_task_validation(layout: TaskLayout,
+                        loaders: Sequence[DataLoader]) -> Callable[[nn.Module], dict[str, float]]:
     """The loop's validate hook: val_loss_<task> and val_accuracy_<task> on each task's validation split (labels of
     the task's own classes), and their means as val_loss and val_accuracy."""
 
