@@ -91,6 +91,7 @@ def main(seeds: int = 3, epochs: int = 6) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     raw = apply_overrides(read_raw_params(ROOT / "params.yaml"), {
         "prepare.image_side": SIDE, "train.epochs": epochs, "train.use_tuned": False,
+        "compress.variants": ["fp32", "int8"],  # what a multi-task model compresses to (params' check)
         "train.storage_path": str(work / "ray_results")})
     runs = {"multitask": {"prepare.dataset": TASKS[0], "train.tasks": dict.fromkeys(TASKS, 1.0)},
             **{f"single_{task}": {"prepare.dataset": task} for task in TASKS}}
