@@ -115,7 +115,7 @@ def run_from_cli(assignments: list[str]) -> None:
         key, sep, value = assignment.partition("=")
         if not sep:
             sys.exit(f"--set {assignment!r} is not KEY=VALUE")
-        overrides[key] = yaml.safe_load(value)
+        overrides[key.lstrip("+")] = yaml.safe_load(value)  # `++key=...`, as dvc exp run -S takes a new key
     try:
         result = pipeline(overrides=overrides)
     except InputError as exc:

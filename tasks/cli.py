@@ -82,6 +82,8 @@ def predict(
     output: Annotated[Path, typer.Option(help="The CSV to write.")] = Path("predictions.csv"),
     model_uri: Annotated[str | None, typer.Option(help="A registered ONNX model [default: models:/NAME@champion, "
                                                        "NAME from params' tracking.registered_model].")] = None,
+    task: Annotated[str | None, typer.Option(help="A multi-task model's task (dataset name) whose head predicts.")
+                    ] = None,
     params: stages.ParamsFile = Path("params.yaml"),
 ) -> None:
     """Classify a batch of images with a registered model and write item,predicted,confidence rows."""
@@ -89,7 +91,7 @@ def predict(
 
     try:
         model_uri = model_uri or f"models:/{load_params(params).tracking.registered_model}@champion"
-        count = classify(input_path, output, model_uri)
+        count = classify(input_path, output, model_uri, task)
     except InputError as exc:
         sys.exit(f"predict: {exc}")
     print(f"predict: {count} items from {input_path} with {model_uri} -> {output}")

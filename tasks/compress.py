@@ -31,10 +31,11 @@ from kiln.compress.variants import (
     variants_markdown,
 )
 from kiln.core import ray_cluster
+from kiln.core.errors import InputError
 from kiln.core.files import atomic_path, write_json
-from kiln.core.models import load_trained_model
+from kiln.core.models import load_trained_model, task_heads
 from kiln.core.params import Params
-from kiln.core.prepared import load_split, read_manifest, to_float
+from kiln.core.tasks import load_tasks
 from kiln.core.tracking import lineage_tags, use_experiment
 from kiln.train.recipe import dataset_augmentation
 
@@ -49,9 +50,11 @@ def run(params: Params, model: Path, data: Path, onnx_dir: Path, reports: Path) 
     """Build, export and measure every variant, select the deployable one, write and log everything."""
     settings, batch = params.compress, params.latency.batch_size
     trained, saved = load_trained_model(str(model))
-    x_train, y_train = load_split(data, "train")
-    x_val, y_val = load_split(data, "val")
-    calibration, images = calibration_images(settings, x_train, y_train), to_float(x_val)
+    tasks = load_tasks(params, data)
+    if set(task_heads(trained)) != set(tasks.layout.names if tasks.layout else ()):
+        raise InputError(f"{model}: its heads ({', '.join(task_heads(trained)) or 'one task'}) are not the prepared "
+                         f"tasks ({', '.join(tasks.manifests)}); run `dvc repro train`")
+    calibration, images = calibration_images(settings, tasks.x_train, tasks.y_train), tasks.val_images()
     if recovered_variants(settings.variants):
         ray_cluster.connect()
         ray_cluster.require(settings.num_workers * settings.cpus_per_worker,
@@ -62,14 +65,15 @@ def run(params: Params, model: Path, data: Path, onnx_dir: Path, reports: Path) 
     with mlflow.start_run(run_name="compress", tags={**tags, "kiln.stage": "compress"}) as parent:
         runs = variant_runs(settings.variants, tags)
         floats = build_float_models(
-            trained, saved["spec"], settings, dataset_augmentation(params.train, read_manifest(data)["dataset"]),
-            {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val},
+            trained, saved["spec"], settings, dataset_augmentation(params.train, params.prepare.dataset),
+            tasks.arrays(),
             ray_cluster.storage_uri(params.train.storage_path), f"compress-{parent.info.run_id}",
             mlflow.get_tracking_uri(), runs)
         ray.shutdown()  # Ray's idle processes would share the CPUs with the latency rounds below
         with tempfile.TemporaryDirectory(prefix="kiln-compress-") as tmp:
             files = export_variants(floats, settings.variants, images[:2], calibration, Path(tmp))
-            rows, batched = measure_variants(files, floats, settings.variants, images, y_val, params.latency)
+            rows, batched = measure_variants(files, floats, settings.variants, images, tasks.val_accuracy,
+                                             params.latency)
             variant_rows = [row for row in rows if row["variant"] in settings.variants]
             selection = select_deployable({row["variant"]: row["val_accuracy"] for row in variant_rows}, batched,
                                           settings.max_accuracy_drop_points, settings.min_speedup)

@@ -1,9 +1,10 @@
-"""Batch inference: `kiln predict INPUT [--output predictions.csv] [--model-uri models:/kiln@champion]`.
+"""Batch inference: `kiln predict INPUT [--output predictions.csv] [--model-uri models:/kiln@champion] [--task T]`.
 
 Classifies an `.npy` array (uint8 0..255 or float in [0, 1]; (N, C, H, W), or (N, H, W) for one channel) or a
-folder of PNG/JPEG images with a registered ONNX model through ONNX Runtime, and writes `item,predicted,confidence`
-rows. The input is checked against the model's (C, H, W) before anything runs; on any error the CLI prints it
-without a traceback, exits 1, and leaves no CSV behind (an existing one is kept as it was).
+folder of PNG/JPEG images with a registered ONNX model through ONNX Runtime (a multi-task model: its `--task` head,
+the output `logits_<task>`), and writes `item,predicted,confidence` rows. The input is checked against the model's
+(C, H, W) before anything runs; on any error the CLI prints it without a traceback, exits 1, and leaves no CSV behind
+(an existing one is kept as it was).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from PIL import Image
 
 from kiln.core.errors import InputError
 from kiln.core.files import atomic_path
-from kiln.core.inference import predict_onnx
+from kiln.core.inference import OUTPUT, onnx_logits, predict_batches
 from kiln.core.tracking import tracking_uri
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -35,12 +36,17 @@ class UnreadableInput(InputError):
     """The input is missing, empty, or a file that cannot be read as an array or image."""
 
 
+class TaskMismatch(InputError):
+    """--task names no output of the model, or a multi-task model was given no --task."""
+
+
 class ShapeMismatch(InputError):
     """The images' size or channel count differs from the model's input."""
 
 
-def load_model(model_uri: str, workdir: Path) -> tuple[Path, tuple[int, int, int], list[str] | None]:
-    """Download the model into `workdir`: (ONNX file, its fixed input (C, H, W), class names if recorded)."""
+def load_model(model_uri: str, workdir: Path) -> tuple[Path, tuple[int, int, int], list[str] | dict | None]:
+    """Download the model into `workdir`: (ONNX file, its fixed input (C, H, W), class names if recorded: a
+    multi-task model's by task)."""
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)  # models:/ URIs resolve through the global registry URI, whatever is passed
     try:
@@ -125,12 +131,32 @@ def read_input(path: Path, chw: tuple[int, int, int]) -> tuple[list[str], np.nda
     return [str(index) for index in range(len(images))], images
 
 
-def predict(input_path: Path, output: Path, model_uri: str) -> int:
-    """Classify `input_path` with `model_uri` and write the predictions CSV atomically; returns the item count."""
+def task_output(onnx_path: Path, model_uri: str, task: str | None) -> str | None:
+    """The task whose head predicts: None for a single-task model (which takes no --task), a multi-task model's
+    `task`; raises InputError naming the tasks when it is missing or not one of them."""
+    outputs = [output.name for output in onnx.load(str(onnx_path), load_external_data=False).graph.output]
+    tasks = [name.removeprefix(f"{OUTPUT}_") for name in outputs if name != OUTPUT]
+    if not tasks:
+        if task is not None:
+            raise TaskMismatch(f"--task {task}: {model_uri} is a single-task model; leave --task out")
+        return None
+    if task not in tasks:
+        raise TaskMismatch(f"--task {task}: {model_uri} is a multi-task model; name one of its tasks: "
+                           f"{', '.join(tasks)}" if task else
+                           f"{model_uri} is a multi-task model: pass --task, one of {', '.join(tasks)}")
+    return task
+
+
+def predict(input_path: Path, output: Path, model_uri: str, task: str | None = None) -> int:
+    """Classify `input_path` with `model_uri` (a multi-task model: its `task` head) and write the predictions CSV
+    atomically; returns the item count."""
     with tempfile.TemporaryDirectory(prefix="kiln-predict-") as workdir:
         onnx_path, chw, classes = load_model(model_uri, Path(workdir))
+        task = task_output(onnx_path, model_uri, task)
         items, images = read_input(input_path, chw)
-        logits = predict_onnx(onnx_path, images)
+        logits = predict_batches(onnx_logits(onnx_path, task), images)
+    if task is not None and isinstance(classes, dict):
+        classes = classes.get(task)
     shifted = np.exp(logits - logits.max(1, keepdims=True))
     confidence = (shifted / shifted.sum(1, keepdims=True)).max(1)
     names = classes or [str(index) for index in range(logits.shape[1])]

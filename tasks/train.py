@@ -1,6 +1,7 @@
 """Stage `train`: data-parallel training with Ray Train on the tuned hyperparameters (--best-config). Writes the model
 (--model: weights and the spec to rebuild it) and the history, metrics and learning curves (--reports); a run
-`train` in MLflow with per-epoch curves. The loop and its checkpoints: kiln.train; a stage killed mid-run and
+`train` in MLflow with per-epoch curves. A multi-task run (train.tasks) trains one trunk with a head per task on
+batches from every task (kiln.train.multitask). The loop and its checkpoints: kiln.train; a stage killed mid-run and
 started again on the same inputs resumes after its last finished epoch: kiln.train.resume."""
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from kiln.core.errors import InputError
 from kiln.core.files import atomic_path, read_json, sha256_file, write_json
 from kiln.core.models import build_model, initial_state, model_spec, save_trained_model
 from kiln.core.params import Params
-from kiln.core.prepared import MANIFEST, load_split, read_manifest
+from kiln.core.prepared import MANIFEST
+from kiln.core.tasks import load_tasks
 from kiln.core.tracking import lineage_tags, use_experiment
 from kiln.train.distributed import fit, train_worker
 from kiln.train.plots import save_learning_curves
@@ -31,13 +33,14 @@ def run(params: Params, data: Path, best_config: Path, model: Path, reports: Pat
     """Train the final model; returns the metrics of the epoch whose weights are kept."""
     settings = params.train
     hyperparameters = tuned_hyperparameters(settings, best_config)
-    x_train, y_train = load_split(data, "train")
-    if hyperparameters["batch_size"] > len(x_train):
-        raise InputError(f"train.batch_size={hyperparameters['batch_size']} exceeds the {len(x_train)} training images")
-    x_val, y_val = load_split(data, "val")
-    spec = model_spec(settings.model, read_manifest(data), hyperparameters["dropout"])
-    start = initial_state(settings.weights, spec)
     recipe = make_recipe(settings, params.prepare.dataset, hyperparameters)
+    tasks = load_tasks(params, data)
+    if hyperparameters["batch_size"] > len(tasks.y_train):
+        raise InputError(f"train.batch_size={hyperparameters['batch_size']} exceeds the {len(tasks.y_train)} training "
+                         "images")
+    spec = model_spec(settings.model, tasks.manifests[params.prepare.dataset], hyperparameters["dropout"],
+                      tasks.manifests)
+    start = initial_state(settings.weights, spec)
 
     use_experiment(params.tracking.experiment)
     ray_cluster.connect()
@@ -57,7 +60,7 @@ def run(params: Params, data: Path, best_config: Path, model: Path, reports: Pat
         mlflow.log_params({**settings.model_dump(exclude={"augmentation"}), **hyperparameters,
                            "augmentation": recipe.augment})
         config = {
-            "data": ray.put({"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val}),
+            "data": ray.put(tasks.arrays()),
             "initial_state": None if start is None else ray.put(start), "spec": spec, "recipe": recipe,
             "batch_size": int(hyperparameters["batch_size"]), "epochs": settings.epochs, "seed": settings.seed,
             "early_stopping": settings.early_stopping.model_dump() | {"mode": MODES[settings.early_stopping.metric]},

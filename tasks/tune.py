@@ -19,7 +19,8 @@ from kiln.core.errors import InputError
 from kiln.core.files import atomic_path, write_json
 from kiln.core.models import model_spec
 from kiln.core.params import TUNABLE_TRAIN_KEYS, Params
-from kiln.core.prepared import load_split, read_manifest, stratified_head
+from kiln.core.prepared import stratified_head
+from kiln.core.tasks import load_tasks
 from kiln.core.tracking import lineage_tags, use_experiment
 from kiln.train.recipe import make_recipe
 from kiln.tune import search
@@ -32,15 +33,15 @@ FIXED_KEYS = (*TUNABLE_TRAIN_KEYS, "seed")  # train values every trial starts fr
 def run(params: Params, data: Path, best_config: Path, reports: Path) -> dict[str, Any]:
     """Search `params.tune.search_space` and write the best hyperparameters; returns the stage metrics."""
     settings, train = params.tune, params.train
-    x_train, y_train = load_split(data, "train")
-    keep = stratified_head(y_train, settings.max_train_samples, settings.seed)
-    arrays = {"x_train": x_train[keep], "y_train": y_train[keep], **dict(zip(("x_val", "y_val"),
-                                                                              load_split(data, "val"), strict=True))}
+    tasks = load_tasks(params, data)
+    keep = stratified_head(tasks.y_train, settings.max_train_samples, settings.seed)  # every task's classes
+    arrays = tasks.arrays(keep)
     batch = settings.search_space.get("batch_size")
     largest_batch = train.batch_size if batch is None else max(batch.values or [batch.high])
     if largest_batch > len(keep):
         raise InputError(f"tune: batch_size up to {largest_batch} exceeds the {len(keep)} images trials train on")
-    spec = model_spec(train.model, read_manifest(data), train.dropout)  # a model that cannot take the data fails now
+    spec = model_spec(train.model, tasks.manifests[params.prepare.dataset], train.dropout,
+                      tasks.manifests)  # a model that cannot take the data fails now
     recipe = make_recipe(train, params.prepare.dataset)
     space = {**{key: getattr(train, key) for key in FIXED_KEYS}, **search.param_space(settings)}
     name, storage = experiment_name(params, data), ray_cluster.storage_uri(train.storage_path)

@@ -64,7 +64,7 @@ def test_digits_prepare_is_stratified_hashed_and_reproducible(tmp_path: Path) ->
         ["manifest.json", "train.npz", "val.npz", "test.npz"]
     )
     assert read_manifest(tmp_path / "a") == manifest
-    assert set(manifest) == {"dataset", "classes", "image_shape", "normalization", "splits", "files", "seed"}
+    assert set(manifest) == {"dataset", "classes", "image_shape", "normalization", "splits", "files", "seed", "tasks"}
     assert manifest["dataset"] == "digits" and manifest["classes"] == [str(digit) for digit in range(10)]
     assert manifest["image_shape"] == [1, 8, 8] and manifest["seed"] == 0
     assert sum(entry["count"] for entry in manifest["splits"].values()) == 1797

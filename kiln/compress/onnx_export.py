@@ -12,7 +12,8 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quant_pre_process, quantize_static
 from torch import nn
 
-from kiln.core.inference import INPUT, OUTPUT
+from kiln.core.inference import INPUT, output_names
+from kiln.core.models import TaskOutputs, task_heads
 
 # ORT's fast int8 conv kernel (MLAS's symmetric conv) takes input channels in multiples of 4 and at least 16 output
 # channels, a multiple of 8 (AVX2; 4 on AVX-512)
@@ -20,13 +21,15 @@ CHANNEL_MULTIPLE, MIN_OUTPUT_CHANNELS, OUTPUT_CHANNEL_MULTIPLE = 4, 16, 8
 
 
 def export_onnx(model: nn.Module, sample: torch.Tensor, path: Path) -> None:
-    """Export `model` (switched to eval mode) with the dynamo exporter: one self-contained file, dynamic batch."""
+    """Export `model` (switched to eval mode) with the dynamo exporter: one self-contained file, dynamic batch; a
+    multi-task model gets one output per task, `logits_<task>` (kiln.core.inference.output_names)."""
+    tasks = task_heads(model)
     program = torch.onnx.export(
-        model.eval(),
+        TaskOutputs(model).eval() if tasks else model.eval(),
         (sample,),
         dynamo=True,
         input_names=[INPUT],
-        output_names=[OUTPUT],
+        output_names=output_names(list(tasks)),
         dynamic_shapes=({0: torch.export.Dim("batch")},),
         verbose=False,
     )

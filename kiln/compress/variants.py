@@ -12,6 +12,7 @@ latency at batch 1 and `latency.batch_size`, interleaved with torch eager fp32 (
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from kiln.compress.onnx_export import export_onnx, quantize_int8
 from kiln.compress.pruning import count_macs, count_parameters
 from kiln.compress.recovery import RECOVERED, recover
 from kiln.compress.select import BASELINE, Selection
-from kiln.core.inference import accuracy, onnx_logits, torch_logits
+from kiln.core.inference import Logits, onnx_logits, torch_logits
 from kiln.core.latency import Timing, batch_of, interleaved
 from kiln.core.params import CompressParams, LatencyParams
 from kiln.core.prepared import stratified_head, to_float
@@ -72,9 +73,10 @@ def export_variants(floats: dict[str, nn.Module], variants: list[str], sample: n
 
 
 def measure_variants(files: dict[str, Path], floats: dict[str, nn.Module], variants: list[str], images: np.ndarray,
-                     labels: np.ndarray, latency: LatencyParams) -> tuple[list[dict[str, Any]], dict[str, Timing]]:
-    """One row per variant (accuracy, MACs, size, parameters, timings, ratios to fp32), torch eager rows keyed
-    `torch_<name>`, and the batched timings the selection compares."""
+                     score: Callable[[Logits], float],
+                     latency: LatencyParams) -> tuple[list[dict[str, Any]], dict[str, Timing]]:
+    """One row per variant (`score`'s validation accuracy, MACs, size, parameters, timings on `images`, ratios to
+    fp32), torch eager rows keyed `torch_<name>`, and the batched timings the selection compares."""
     example = torch.from_numpy(images[:1])
     macs = {name: count_macs(model, example) for name, model in floats.items()}  # once per float model, not per row
     runners = {variant: onnx_logits(files[variant]) for variant in variants}
@@ -84,7 +86,7 @@ def measure_variants(files: dict[str, Path], floats: dict[str, nn.Module], varia
     rows = []
     for name, run in runners.items():
         source = float_source(name.removeprefix("torch_"))
-        row = {"variant": name, "val_accuracy": accuracy(run, images, labels),
+        row = {"variant": name, "val_accuracy": score(run),
                "onnx_bytes": files[name].stat().st_size if name in files else 0,
                "parameters": count_parameters(floats[source]), "macs": macs[source]}
         for label, by_name in timings.items():

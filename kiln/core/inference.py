@@ -20,7 +20,8 @@ from torch import nn
 from kiln.core.errors import reading
 
 Logits = Callable[[np.ndarray], np.ndarray]  # float32 NCHW pixels in [0, 1] -> logits
-INPUT, OUTPUT = "pixels", "logits"  # the names of an exported model's input and output
+INPUT, OUTPUT = "pixels", "logits"  # the names of an exported model's input and output (a multi-task model's:
+                                    # OUTPUT_<task>, one per task)
 BATCH = 256  # images per call when scoring a whole split: amortises per-call overhead; results do not depend on it
 
 
@@ -45,11 +46,22 @@ def session_options() -> ort.SessionOptions:
     return options
 
 
-def onnx_logits(path: Path) -> Logits:
-    """Inference through an ONNX Runtime CPU session opened once."""
+def output_names(tasks: list[str]) -> list[str]:
+    """The outputs of an exported model: `logits`, or `logits_<task>` per task of a multi-task model."""
+    return [f"{OUTPUT}_{task}" for task in tasks] or [OUTPUT]
+
+
+def onnx_logits(path: Path, task: str | None = None) -> Logits:
+    """Inference through an ONNX Runtime CPU session opened once: the logits, a multi-task model's side by side in
+    output order, or one `task`'s alone."""
     with reading(path, "re-run `dvc repro compress` (or `dvc checkout` it) to write it again"):
         session = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
-    return lambda images: session.run([OUTPUT], {INPUT: images})[0]
+    names = [output.name for output in session.get_outputs()]
+    if task is not None:
+        if f"{OUTPUT}_{task}" not in names:
+            raise ValueError(f"{path} has no output for task {task!r}; its outputs: {', '.join(names)}")
+        names = [f"{OUTPUT}_{task}"]
+    return lambda images: np.concatenate(session.run(names, {INPUT: images}), axis=1)
 
 
 def predict_batches(run: Logits, images: np.ndarray, batch_size: int = BATCH) -> np.ndarray:
@@ -63,6 +75,6 @@ def predict_onnx(path: Path, images: np.ndarray, batch_size: int = BATCH) -> np.
     return predict_batches(onnx_logits(path), images, batch_size)
 
 
-def accuracy(run: Logits, images: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy of `run` on float32 `images`."""
-    return float((predict_batches(run, images).argmax(1) == labels).mean())
+def accuracy(run: Logits, images: np.ndarray, labels: np.ndarray, columns: slice = slice(None)) -> float:
+    """Top-1 accuracy of `run` on float32 `images`, of its logits' `columns` (one task's of a multi-task model)."""
+    return float((predict_batches(run, images)[:, columns].argmax(1) == labels).mean())

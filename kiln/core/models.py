@@ -16,6 +16,7 @@ from torch import nn
 
 from kiln.core.errors import InputError, reading
 from kiln.core.params import MODELS, TORCHVISION_PREFIX
+from kiln.core.prepared import shared_normalization
 
 PLAIN_CNNS = ("lenet", "compact")
 
@@ -163,9 +164,56 @@ def torchvision_model(name: str, in_channels: int, num_classes: int, image_size:
     return model
 
 
+class MultiTaskNet(nn.Module):
+    """A zoo network's trunk (all of it but its last linear layer) shared by one linear head per task. The forward
+    pass returns every head's logits side by side, in task order: `tasks` maps each task to its class count, so
+    columns [offset, offset + count) are its logits (`kiln.core.tasks.TaskLayout` slices them)."""
+
+    def __init__(self, net: nn.Module, tasks: dict[str, int]) -> None:
+        super().__init__()
+        head_name, head = [(name, m) for name, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
+        _replace(net, head_name, nn.Identity())
+        self.trunk, self.tasks = net, dict(tasks)
+        self.heads = nn.ModuleDict({task: nn.Linear(head.in_features, count) for task, count in tasks.items()})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.trunk(x)
+        return torch.cat([head(features) for head in self.heads.values()], 1)
+
+
+class TaskHead(nn.Module):
+    """One task's logits of a multi-task model."""
+
+    def __init__(self, model: nn.Module, columns: slice) -> None:
+        super().__init__()
+        self.model, self.columns = model, columns
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[:, self.columns]
+
+
+class TaskOutputs(nn.Module):
+    """A multi-task model with one output per task (its head's logits), for export: ONNX names each."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model, self.counts = model, list(task_heads(model).values())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.split(self.model(x), self.counts, dim=1))
+
+
+def task_heads(model: nn.Module) -> dict[str, int]:
+    """A multi-task model's tasks and their class counts, in output order; {} for a single-task model."""
+    net = model[1] if isinstance(model, nn.Sequential) and len(model) > 1 else model
+    return dict(net.tasks) if isinstance(net, MultiTaskNet) else {}
+
+
 def build_model(name: str, in_channels: int, num_classes: int, image_size: int, mean: Sequence[float],
-                std: Sequence[float], widths: Sequence[int] | None = None, dropout: float = 0.0) -> nn.Module:
-    """Build model `name` (one of MODELS, or `torchvision:<name>`) for the given data shape, normalisation first."""
+                std: Sequence[float], widths: Sequence[int] | None = None, dropout: float = 0.0,
+                tasks: dict[str, int] | None = None) -> nn.Module:
+    """Build model `name` (one of MODELS, or `torchvision:<name>`) for the given data shape, normalisation first;
+    with `tasks` (task -> classes, two or more), its trunk with a head per task (num_classes: their sum)."""
     families = {"lenet": LeNet, "compact": CompactCNN, "resnet": SmallResNet}
     if name in families:
         net = families[name](in_channels, num_classes, image_size, widths, dropout)
@@ -173,7 +221,7 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int, 
         net = torchvision_model(name.removeprefix(TORCHVISION_PREFIX), in_channels, num_classes, image_size, dropout)
     else:
         raise ValueError(f"unknown model {name!r}; allowed: {', '.join(MODELS)} or {TORCHVISION_PREFIX}<name>")
-    return nn.Sequential(Normalize(mean, std), net)
+    return nn.Sequential(Normalize(mean, std), MultiTaskNet(net, tasks) if tasks else net)
 
 
 def check_fits(model: nn.Module, in_channels: int, image_size: int, num_classes: int, name: str) -> None:
@@ -187,18 +235,25 @@ def check_fits(model: nn.Module, in_channels: int, image_size: int, num_classes:
         raise ValueError(f"model {name!r} gives logits shaped {tuple(logits.shape[1:])}, not ({num_classes},)")
 
 
-def model_spec(name: str, manifest: dict[str, Any], dropout: float) -> dict[str, Any]:
-    """build_model's arguments for the prepared data `manifest` describes; raises InputError naming `train.model` when
-    the model cannot classify those images."""
+def model_spec(name: str, manifest: dict[str, Any], dropout: float,
+               tasks: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """build_model's arguments for the prepared data `manifest` describes, or, given two or more `tasks` (task ->
+    its manifest), a head per task on normalisation shared by their training images; raises InputError naming
+    `train.model` when the model cannot classify those images."""
     channels, side, _ = manifest["image_shape"]
     spec = dict(name=name, in_channels=channels, num_classes=len(manifest["classes"]), image_size=side,
                 dropout=dropout, **manifest["normalization"])
+    if tasks and len(tasks) > 1:
+        heads = {task: len(task_manifest["classes"]) for task, task_manifest in tasks.items()}
+        spec.update(num_classes=sum(heads.values()), tasks=heads,
+                    **shared_normalization(list(tasks.values())))
     try:
         model = build_model(**spec)
         check_fits(model, channels, side, spec["num_classes"], name)
     except ValueError as exc:
         raise InputError(f"train.model: {exc}") from None
-    widths = getattr(model[1], "widths", None)  # recorded, so a saved model outlives a change of default widths
+    net = model[1].trunk if isinstance(model[1], MultiTaskNet) else model[1]
+    widths = getattr(net, "widths", None)  # recorded, so a saved model outlives a change of default widths
     return {**spec, "widths": None if widths is None else list(widths)}
 
 

@@ -27,6 +27,7 @@ from kiln.core.files import atomic_path
 
 DATASETS = ("fashion_mnist", "digits", "cifar10")
 IMAGE_SIDES = {"fashion_mnist": 28, "digits": 8, "cifar10": 32}
+CHANNELS = {"fashion_mnist": 1, "digits": 1, "cifar10": 3}
 MODELS = ("lenet", "compact", "resnet")  # kiln's zoo (kiln.core.models)
 TORCHVISION_PREFIX = "torchvision:"  # or torchvision:<name>, checked against torchvision when training starts
 TUNABLE_TRAIN_KEYS = ("lr", "momentum", "weight_decay", "batch_size", "label_smoothing", "dropout")
@@ -95,6 +96,10 @@ class AdversarialParams(Strict):
 
 class TrainParams(Strict):
     model: str = Field(description="lenet | compact | resnet | torchvision:<name>")
+    tasks: dict[Literal["fashion_mnist", "digits", "cifar10"], Annotated[float, Field(gt=0)]] = Field(
+        default_factory=dict, description="Multi-task: dataset -> loss weight, two or more; {}: prepare.dataset alone.")
+    task_sampling: Literal["proportional", "equal"] = Field(
+        "proportional", description="Multi-task batches: each task's share follows its training-set size, or is equal.")
     dropout: float = Field(ge=0, lt=1)
     weights: Path | None = Field(description="A local state_dict to start from; nothing is downloaded.")
     epochs: int = Field(ge=1)
@@ -124,6 +129,13 @@ class TrainParams(Strict):
     def _known_model(cls, value: str) -> str:
         if value not in MODELS and not (value.startswith(TORCHVISION_PREFIX) and value != TORCHVISION_PREFIX):
             raise ValueError(f"unknown model; allowed: {', '.join(MODELS)} or {TORCHVISION_PREFIX}<name>")
+        return value
+
+    @field_validator("tasks")
+    @classmethod
+    def _several_tasks(cls, value: dict[str, float]) -> dict[str, float]:
+        if len(value) == 1:
+            raise ValueError("list two or more tasks (dataset: loss weight), or none for prepare.dataset alone")
         return value
 
     @field_validator("weights")
@@ -192,7 +204,8 @@ class TuneParams(Strict):
     max_train_samples: int = Field(ge=1, description="Trials train on a stratified subset of this many images.")
     cpus_per_trial: int = Field(ge=1, description="CPUs of each trial process, or of each worker of a trial.")
     workers_per_trial: int = Field(ge=1, description="1: a plain process; more: a Ray Train TorchTrainer per trial.")
-    metric: Literal["val_accuracy", "val_loss"]
+    metric: str = Field(pattern=r"^val_(accuracy|loss)(_[a-z0-9_]+)?$", description=(
+        "val_accuracy | val_loss; multi-task: their mean over tasks, or one task's, e.g. val_accuracy_digits."))
     mode: Literal["max", "min"]
     search_space: dict[str, SearchDimension] = Field(min_length=1)
     seed: int = Field(description="Seeds the search algorithm, the scheduler and the trials' training subset.")
@@ -226,7 +239,7 @@ class TuneParams(Strict):
         log_steps = sorted(key for key, dim in self.search_space.items() if dim.type == "qloguniform")
         if self.search == "tpe" and log_steps:
             raise ValueError(f"tpe (Optuna) cannot quantise a log scale: {log_steps}; use loguniform or quniform")
-        expected = {"val_accuracy": "max", "val_loss": "min"}[self.metric]
+        expected = "max" if self.metric.startswith("val_accuracy") else "min"
         if self.mode != expected:
             raise ValueError(f"metric {self.metric} is optimised with mode: {expected}, not {self.mode}")
         if self.grace_period > self.epochs:
@@ -376,23 +389,59 @@ class Params(Strict):
     evaluate: EvaluateParams
     finetune: FinetuneParams
 
+    @property
+    def task_weights(self) -> dict[str, float]:
+        """Each task's loss weight, the primary task (prepare.dataset) first; one task is {prepare.dataset: 1.0}."""
+        weights = self.train.tasks or {self.prepare.dataset: 1.0}
+        return {self.prepare.dataset: weights[self.prepare.dataset], **weights}
+
     @model_validator(mode="after")
     def _across_sections(self) -> Params:
-        dataset, side = self.prepare.dataset, self.prepare.side
-        augment = self.train.augmentation.get(dataset)
-        if augment is None:
-            raise ValueError(f"train.augmentation has no entry for prepare.dataset {dataset!r} (an empty {{}} is none)")
-        if augment.hflip and dataset == "digits":
-            raise ValueError("train.augmentation.digits.hflip: a mirrored digit is a different symbol; set it false")
-        if 2 * augment.crop_padding >= side:
-            raise ValueError(f"train.augmentation.{dataset}.crop_padding ({augment.crop_padding}) would shift "
-                             f"{side}-pixel images by half their side or more; use at most {(side - 1) // 2}")
+        dataset, side, tasks = self.prepare.dataset, self.prepare.side, self.train.tasks
+        if tasks:
+            _check_tasks(tasks, dataset, self.prepare.image_side)
+            single = sorted(set(self.compress.variants) - {"fp32", "int8"})
+            if single:
+                raise ValueError(f"compress.variants {single} are single-task (their recovery training and "
+                                 "distillation take one head); with train.tasks use [fp32, int8]")
+            if self.train.adversarial.method != "none":
+                raise ValueError("train.adversarial: adversarial examples are single-task; set method: none with "
+                                 "train.tasks")
+        for task in tasks or [dataset]:
+            augment = self.train.augmentation.get(task)
+            if augment is None:
+                owner = "prepare.dataset" if task == dataset else "the task"
+                raise ValueError(f"train.augmentation has no entry for {owner} {task!r} (an empty {{}} is none)")
+            if augment.hflip and task == "digits":
+                raise ValueError("train.augmentation.digits.hflip: a mirrored digit is a different symbol; set it "
+                                 "false")
+            if 2 * augment.crop_padding >= side:
+                raise ValueError(f"train.augmentation.{task}.crop_padding ({augment.crop_padding}) would shift "
+                                 f"{side}-pixel images by half their side or more; use at most {(side - 1) // 2}")
+        task = self.tune.metric.removeprefix("val_accuracy").removeprefix("val_loss").removeprefix("_")
+        if task and task not in self.train.tasks:
+            raise ValueError(f"tune.metric: {self.tune.metric!r} names no task of train.tasks "
+                             f"({', '.join(self.train.tasks) or 'none: one task'}); use val_accuracy or val_loss, or "
+                             "their _<task> forms in a multi-task run")
         if self.tune.scheduler == "pbt" and self.train.schedule != "constant":
             raise ValueError("tune.scheduler: pbt perturbs the learning rate mid-run; set train.schedule: constant")
         if self.finetune.registered_model == self.tracking.registered_model:
             raise ValueError(f"finetune.registered_model: {self.finetune.registered_model!r} is the base's registry "
                              "entry (tracking.registered_model); name the fine-tuned model's own")
         return self
+
+
+def _check_tasks(tasks: Mapping[str, float], primary: str, image_side: int | None) -> None:
+    """Raise ValueError naming the key when the tasks cannot share one network: the primary task missing, channel
+    counts that differ, or sides that differ without prepare.image_side to bring them to one."""
+    if primary not in tasks:
+        raise ValueError(f"train.tasks {sorted(tasks)} must include prepare.dataset ({primary!r}), the primary task")
+    channels = {task: CHANNELS[task] for task in tasks}
+    if len(set(channels.values())) > 1:
+        raise ValueError(f"train.tasks: channel counts differ ({channels}); a shared trunk takes one channel count")
+    sides = {task: IMAGE_SIDES[task] for task in tasks}
+    if image_side is None and len(set(sides.values())) > 1:
+        raise ValueError(f"train.tasks: image sides differ ({sides}); set prepare.image_side to bring them to one")
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:

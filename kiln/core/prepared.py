@@ -47,6 +47,27 @@ def read_manifest(prepared_dir: Path | str) -> dict[str, Any]:
         return read_json(path)
 
 
+def task_folder(prepared_dir: Path | str, task: str, primary: str) -> Path:
+    """Where task `task`'s splits and manifest live: the primary task at the top, the others under tasks/<name>."""
+    return Path(prepared_dir) if task == primary else Path(prepared_dir) / "tasks" / task
+
+
+def task_folders(prepared_dir: Path | str) -> dict[str, Path]:
+    """Every task's folder, the primary task first (single-task data: just the primary, the folder itself)."""
+    manifest = read_manifest(prepared_dir)
+    return {task: task_folder(prepared_dir, task, manifest["dataset"])
+            for task in manifest.get("tasks", [manifest["dataset"]])}
+
+
+def shared_normalization(manifests: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Per-channel mean and std over the training images of every manifest's data together (equal-sized images)."""
+    counts = np.array([manifest["splits"]["train"]["count"] for manifest in manifests], dtype=np.float64)
+    means = np.array([manifest["normalization"]["mean"] for manifest in manifests])
+    squares = np.array([manifest["normalization"]["std"] for manifest in manifests]) ** 2 + means ** 2
+    mean = counts @ means / counts.sum()
+    return {"mean": mean.tolist(), "std": np.sqrt(counts @ squares / counts.sum() - mean ** 2).tolist()}
+
+
 def to_float(images: np.ndarray) -> np.ndarray:
     """uint8 pixels -> float32 in [0, 1], the input every kiln model expects."""
     return images.astype(np.float32) / 255.0

@@ -13,7 +13,7 @@ from mlflow.exceptions import MlflowException
 from torch import nn
 
 from kiln.core.errors import InputError
-from kiln.core.models import load_trained_model
+from kiln.core.models import load_trained_model, task_heads
 from kiln.evaluate.publish import SOURCE_MODEL
 
 
@@ -43,4 +43,7 @@ def load_base(client: MlflowClient, name: str, version: str) -> Base:
                              "registered before evaluate kept the PyTorch weights: re-run evaluate, or fine-tune "
                              "a newer version") from None
         model, saved = load_trained_model(path)
+    if task_heads(model):
+        raise InputError(f"finetune.base: {name} v{version} is a multi-task model (heads: "
+                         f"{', '.join(task_heads(model))}); fine-tuning takes a single-task base")
     return Base(name, version, run_id, model, saved)

@@ -18,8 +18,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from kiln.core.errors import InputError
 from kiln.core.models import build_model
+from kiln.core.tasks import TaskLayout
 from kiln.train.checkpoint import load, restore, save, training_state
 from kiln.train.loop import VAL_BATCH, EarlyStopping, Hooks, Progress, run_epochs
+from kiln.train.multitask import equal_shares, multitask_hooks, validation_sets
 from kiln.train.recipe import make_loader, make_optimizer, make_scheduler, seed_everything, to_dataset
 
 
@@ -36,11 +38,14 @@ class TorchTrainer(ray.train.torch.TorchTrainer):
 
 
 def shuffled_loader(data: dict[str, Any], batch_size: int, seed: int, rank: int, world: int) -> DataLoader:
-    """This worker's shard of the training set, reshuffled by (seed, epoch) once `set_epoch` is called; Ray's
-    preparation moves its batches to the worker's device."""
+    """This worker's shard of the training set, reshuffled by (seed, epoch) once `set_epoch` is called (a multi-task
+    run drawing equal shares: kiln.train.multitask.EqualShares); Ray's preparation moves its batches to the worker's
+    device."""
     dataset = to_dataset(data["x_train"], data["y_train"])
-    sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-    return ray.train.torch.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, sampler=sampler))
+    sampler = (equal_shares(data, seed, rank, world) or
+               DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed))
+    return ray.train.torch.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, sampler=sampler),
+                                               add_dist_sampler=False)  # the sampler shards already
 
 
 def _worker_nodes(world: int) -> list[str]:
@@ -53,10 +58,12 @@ def _worker_nodes(world: int) -> list[str]:
     return nodes
 
 
-def _progress_line(metrics: dict[str, float], epochs: int, seconds: float) -> str:
+def _progress_line(metrics: dict[str, float], epochs: int, seconds: float, tasks: tuple[str, ...] = ()) -> str:
     epoch = int(metrics["epoch"])
+    per_task = "".join(f" | {task} val_loss {metrics[f'val_loss_{task}']:.4f} val_acc "
+                       f"{metrics[f'val_accuracy_{task}']:.4f}" for task in tasks)
     return (f"train: epoch {epoch}/{epochs} loss {metrics['train_loss']:.4f} acc {metrics['train_accuracy']:.4f} "
-            f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.4f} "
+            f"val_loss {metrics['val_loss']:.4f} val_acc {metrics['val_accuracy']:.4f}{per_task} "
             f"{metrics['images_per_second']:.0f} img/s ETA {seconds * (epochs - epoch):.0f}s")
 
 
@@ -94,8 +101,11 @@ def train_worker(config: dict[str, Any]) -> None:
     model = build_model(**config["spec"])
     if config.get("initial_state") is not None:
         model.load_state_dict(ray.get(config["initial_state"]))
+    layout: TaskLayout | None = data.get("layout")  # a multi-task run's tasks
     train_loader = shuffled_loader(data, max(1, config["batch_size"] // world), config["seed"], rank, world)
-    val_loader = ray.train.torch.prepare_data_loader(make_loader(data["x_val"], data["y_val"], VAL_BATCH, False, 0))
+    val_loaders = [ray.train.torch.prepare_data_loader(make_loader(x, y, VAL_BATCH, False, 0))
+                   for x, y in validation_sets(data)]
+    val_loader = None if layout else val_loaders[0]
     device = ray.train.torch.get_device()
     if recipe.channels_last:
         model = model.to(device, memory_format=torch.channels_last)
@@ -117,7 +127,8 @@ def train_worker(config: dict[str, Any]) -> None:
             saved = None
             if rank == 0:
                 now = time.perf_counter()
-                print(_progress_line(metrics, epochs, now - epoch_started[0]), flush=True)
+                print(_progress_line(metrics, epochs, now - epoch_started[0], layout.names if layout else ()),
+                      flush=True)
                 epoch_started[0] = now
                 if log:
                     log(metrics, int(metrics["epoch"]))
@@ -126,9 +137,10 @@ def train_worker(config: dict[str, Any]) -> None:
             ray.train.report({**metrics, "node_id": nodes[rank]}, checkpoint=saved)
 
     epoch_started = [time.perf_counter()]
+    extra = multitask_hooks(layout, val_loaders, recipe.label_smoothing) if layout else {}
     progress = run_epochs(model, optimizer, train_loader, epochs, recipe, val_loader=val_loader, scheduler=scheduler,
                           scaler=scaler, progress=progress, seed=config["seed"], rank=rank,
-                          hooks=Hooks(on_epoch=report))
+                          hooks=Hooks(on_epoch=report, **extra))
     stopper = progress.stopper
     if rank == 0 and progress.epoch < epochs:
         print(f"train: early stop after epoch {progress.epoch}: no {stopper.metric} gain for {stopper.patience} "

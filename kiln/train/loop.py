@@ -27,6 +27,8 @@ from kiln.train.augment import augment
 from kiln.train.recipe import Recipe, seed_everything
 
 Loss = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, images, labels) -> loss
+Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (logits, labels) -> predicted labels
+Augment = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (images, labels) -> augmented images
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 VAL_BATCH = 512  # validation batches: large for speed; the metrics do not depend on it
 
@@ -65,14 +67,18 @@ def train_epoch(
     model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, recipe: Recipe | None = None,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, loss_fn: Loss | None = None,
     scaler: torch.amp.GradScaler | None = None, on_step: Callable[[], None] | None = None,
+    hooks: Hooks | None = None,
 ) -> EpochStats:
     """One pass over `loader` following `recipe` (plain cross-entropy steps when None), or minimising `loss_fn`;
-    `on_step` runs after every optimiser step. Returns loss and accuracy summed over all workers."""
-    recipe = recipe or Recipe()
+    `on_step` runs after every optimiser step; `hooks` may augment the batch and predict from the logits instead.
+    Returns loss and accuracy summed over all workers."""
+    recipe, hooks = recipe or Recipe(), hooks or Hooks()
     model.train()
     loss_sum, correct, count = 0.0, 0, 0
     for images, labels in loader:
-        if recipe.augment.active:
+        if hooks.augment is not None:
+            images = hooks.augment(images, labels)
+        elif recipe.augment.active:
             images = augment(images, recipe.augment)
         images = with_adversarial(model, images, labels, recipe)
         if recipe.channels_last:
@@ -96,7 +102,8 @@ def train_epoch(
         if on_step is not None:
             on_step()
         loss_sum += loss.item() * len(labels)
-        correct += (logits.argmax(1) == labels).sum().item()
+        predicted = logits.argmax(1) if hooks.predict is None else hooks.predict(logits.detach(), labels)
+        correct += (predicted == labels).sum().item()
         count += len(labels)
     return _all_reduce(loss_sum, correct, count)
 
@@ -156,6 +163,9 @@ class Hooks:
     loss: Loss | None = None  # replaces the recipe's cross-entropy, e.g. distillation against a teacher
     on_step: Callable[[], None] | None = None  # after every optimiser step, e.g. AdaLoRA's update_and_allocate
     on_epoch: Callable[[dict[str, float], Progress], None] | None = None  # after every epoch: print, report, save
+    augment: Augment | None = None  # replaces the recipe's augmentation, e.g. each task's own (kiln.train.multitask)
+    predict: Predict | None = None  # training accuracy's predictions instead of the logits' argmax
+    validate: Callable[[nn.Module], dict[str, float]] | None = None  # replaces val_loader's val_loss/val_accuracy
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -171,8 +181,9 @@ def run_epochs(
 ) -> Progress:
     """Train from epoch `progress.epoch + 1` to `epochs` (fewer when early stopping says so); returns the progress.
 
-    Each epoch's row: epoch, train_loss, train_accuracy, val_loss and val_accuracy (with a `val_loader`),
-    images_per_second, lr. A non-finite training loss raises FloatingPointError naming the epoch.
+    Each epoch's row: epoch, train_loss, train_accuracy, val_loss and val_accuracy (with a `val_loader`, or what
+    `hooks.validate` returns), images_per_second, lr. A non-finite training loss raises FloatingPointError naming
+    the epoch.
     """
     progress = progress or Progress()
     for epoch in range(progress.epoch + 1, epochs + 1):
@@ -183,17 +194,19 @@ def run_epochs(
         elif seed is not None and train_loader.generator is not None:  # the same for a single process's loader
             train_loader.generator.manual_seed(seed + 1000 * epoch + rank)
         started = time.perf_counter()
-        fit = train_epoch(model, train_loader, optimizer, recipe, scheduler, hooks.loss, scaler, hooks.on_step)
+        fit = train_epoch(model, train_loader, optimizer, recipe, scheduler, hooks.loss, scaler, hooks.on_step, hooks)
         seconds = time.perf_counter() - started
         if not math.isfinite(fit.loss):
             raise FloatingPointError(f"training diverged at epoch {epoch} (loss {fit.loss})")
         metrics = {"epoch": epoch, "train_loss": fit.loss, "train_accuracy": fit.accuracy}
-        if val_loader is not None:
+        if hooks.validate is not None:
+            metrics.update(hooks.validate(model))
+        elif val_loader is not None:
             val = validate(model, val_loader)
             metrics.update(val_loss=val.loss, val_accuracy=val.accuracy)
         metrics.update(images_per_second=fit.images / seconds, lr=optimizer.param_groups[0]["lr"])
         progress.history.append(metrics)
-        stop = val_loader is not None and progress.stopper.update(metrics)
+        stop = "val_loss" in metrics and progress.stopper.update(metrics)
         if progress.stopper.best_epoch == epoch:
             weights = unwrap(model).state_dict()
             progress.best_model = {name: value.detach().cpu().clone() for name, value in weights.items()}

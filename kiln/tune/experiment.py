@@ -20,8 +20,9 @@ from kiln.train.recipe import Recipe
 from kiln.tune import search
 from kiln.tune.trials import TrialTracker, distributed_trial, single_process_trial, trial_state
 
-TRIAL_KEYS = {"model", "dropout", "batch_size", "optimizer", "lr", "momentum", "weight_decay", "schedule",
-              "warmup_epochs", "label_smoothing", "adversarial", "augmentation", "seed"}  # train keys a trial uses
+TRIAL_KEYS = {"model", "tasks", "task_sampling", "dropout", "batch_size", "optimizer", "lr", "momentum",
+              "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "adversarial", "augmentation",
+              "seed"}  # train keys a trial uses
 
 
 def experiment_name(params: Params, data: Path) -> str:

@@ -11,11 +11,13 @@ from mlflow import MlflowClient
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
 from ray.tune.integration.ray_train import TuneReportCallback
+from torch.utils.data import DataLoader
 
 from kiln.core.models import build_model
 from kiln.train.checkpoint import load, restore, save, training_state
 from kiln.train.distributed import TorchTrainer, train_worker
 from kiln.train.loop import VAL_BATCH, Hooks, Progress, run_epochs
+from kiln.train.multitask import equal_shares, multitask_hooks, validation_sets
 from kiln.train.recipe import (
     Recipe,
     apply_hyperparameters,
@@ -23,6 +25,7 @@ from kiln.train.recipe import (
     make_optimizer,
     make_scheduler,
     seed_everything,
+    to_dataset,
     with_values,
 )
 
@@ -36,8 +39,10 @@ def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dic
     seed_everything(config["seed"])  # the initial weights: a function of the seed, not of what this process ran before
     model = build_model(**{**spec, "dropout": config["dropout"]})
     optimizer = make_optimizer(model, recipe)
-    train_loader = make_loader(data["x_train"], data["y_train"], int(config["batch_size"]), True, config["seed"])
-    val_loader = make_loader(data["x_val"], data["y_val"], VAL_BATCH, False, config["seed"])
+    batch, sampler = int(config["batch_size"]), equal_shares(data, config["seed"])
+    train_loader = (make_loader(data["x_train"], data["y_train"], batch, True, config["seed"]) if sampler is None else
+                    DataLoader(to_dataset(data["x_train"], data["y_train"]), batch_size=batch, sampler=sampler))
+    val_loaders = [make_loader(x, y, VAL_BATCH, False, config["seed"]) for x, y in validation_sets(data)]
     scheduler = make_scheduler(optimizer, recipe, epochs, len(train_loader))
     progress = Progress()
     if (checkpoint := tune.get_checkpoint()) is not None:
@@ -50,8 +55,10 @@ def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dic
             state = training_state(model, optimizer, scheduler, None, progress)
             tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(save(folder, state)))
 
-    run_epochs(model, optimizer, train_loader, epochs, recipe, val_loader=val_loader, scheduler=scheduler,
-               progress=progress, seed=config["seed"], hooks=Hooks(on_epoch=report))
+    layout = data["layout"]  # a multi-task run's tasks (kiln.core.tasks.TaskLayout), or None
+    extra = multitask_hooks(layout, val_loaders, recipe.label_smoothing) if layout else {}
+    run_epochs(model, optimizer, train_loader, epochs, recipe, val_loader=val_loaders[0], scheduler=scheduler,
+               progress=progress, seed=config["seed"], hooks=Hooks(on_epoch=report, **extra))
 
 
 def distributed_trial(config: dict[str, Any], data: dict[str, Any], spec: dict[str, Any], recipe: Recipe,
