@@ -51,10 +51,11 @@ def stock_name(stock: dict[str, Any]) -> str:
 def strategies(stock: dict[str, Any], cheap_trials: int, also: list[str]) -> dict[str, dict[str, Any]]:
     """tune-section overrides of each strategy: the baselines, the stock search and the `also` cheap searches."""
     grid_space = {key: {"type": "grid", "values": values} for key, values in GRID.items()}
+    stock_row = stock_name(stock)
     return {"grid": {"search": "grid", "scheduler": "fifo", "num_samples": 1, "search_space": grid_space},
             "random": {"search": "random", "scheduler": "fifo", "num_samples": GRID_SIZE},
-            stock_name(stock): {**{key: stock[key] for key in SEARCH_KEYS}, "num_samples": cheap_trials},
-            **{name: {**CHEAP[name], "num_samples": cheap_trials} for name in also if name != stock_name(stock)}}
+            stock_row: {**{key: stock[key] for key in SEARCH_KEYS}, "num_samples": cheap_trials},
+            **{name: {**CHEAP[name], "num_samples": cheap_trials} for name in also if name != stock_row}}
 
 
 def run_seed(seed: int, base: dict[str, Any], prepared: Path, work: Path, cheap_trials: int,
@@ -107,12 +108,12 @@ def main(seeds: int = 3, train_samples: int = 2000, epochs: int = 5, cheap_trial
     prepared = work / "prepared"
     run_stage("prepare", base, {"out": prepared}, work)
     per_seed = {seed: run_seed(seed, base, prepared, work, cheap_trials, also) for seed in range(seeds)}
-    names = list(per_seed[0])
+    names, stock_row = list(per_seed[0]), stock_name(stock["tune"])
     summary = {name: {key: spread([per_seed[seed][name][key] for seed in per_seed])
                       for key in per_seed[0][name]} for name in names}
     results: dict[str, Any] = {
         "seeds": list(per_seed), "per_seed": per_seed, "summary": summary,
-        "stock_search": {"name": stock_name(stock["tune"]), **{key: stock["tune"][key] for key in SEARCH_KEYS}},
+        "stock_search": {"name": stock_row, **{key: stock["tune"][key] for key in SEARCH_KEYS}},
         **{f"{name}_{key}_median": summary[name][key]["median"] for name in names if name not in BASELINES
            for key in ("gap_points", "trial_epoch_fraction")},
         "setup": (f"Fashion-MNIST, {train_samples} stratified training images (drawn per seed), full validation "
@@ -126,7 +127,6 @@ def main(seeds: int = 3, train_samples: int = 2000, epochs: int = 5, cheap_trial
     rows = [(name, *(cell(summary[name][key]) for key in ("best_val_accuracy", "trial_epochs", "wall_seconds")),
              cell(summary[name].get("gap_points"), ".2f"), cell(summary[name].get("trial_epoch_fraction"), ".0%"))
             for name in names]
-    stock_row = stock_name(stock["tune"])
     gap, fraction = results[f"{stock_row}_gap_points_median"], results[f"{stock_row}_trial_epoch_fraction_median"]
     met = gap <= 0.3 and fraction <= 0.3
     write_section("tune", "python -m benchmarks.tune", results["setup"],
