@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -88,6 +89,16 @@ def read_history(path: Path) -> list[int]:
     return [int(row["epoch"]) for row in read_rows(path)]
 
 
+def train_workers(ray_address: str) -> list[int]:
+    """PIDs of the Ray Train workers on the cluster at `ray_address` (its raylets' children), none of another
+    cluster's on this machine."""
+    raylets = [process for process in psutil.process_iter(["cmdline"])
+               if f"--gcs-address={ray_address}" in (process.info["cmdline"] or [])
+               and process.info["cmdline"][0].endswith("/raylet")]
+    return sorted(child.pid for raylet in raylets for child in raylet.children()
+                  if " ".join(child.cmdline()).startswith("ray::RayTrainWorker"))
+
+
 @pytest.mark.fault
 def test_training_survives_a_killed_worker(prepared: Path, tmp_path: Path, ray_address: str) -> None:
     """SIGKILL one Ray Train worker mid-run: the group restarts from the last epoch checkpoint and finishes."""
@@ -109,9 +120,9 @@ def test_training_survives_a_killed_worker(prepared: Path, tmp_path: Path, ray_a
         if f"train: epoch 3/{epochs}" in line:
             break
         assert time.monotonic() < deadline, "".join(output)
-    workers = subprocess.run(["pgrep", "-f", "ray::RayTrainWorker"], capture_output=True, text=True).stdout.split()
+    workers = train_workers(ray_address)
     assert len(workers) == 2, workers
-    os.kill(int(workers[-1]), signal.SIGKILL)
+    os.kill(workers[-1], signal.SIGKILL)
     rest, _ = stage.communicate(timeout=600)
     output = "".join(output) + rest
     assert stage.returncode == 0, output[-6000:]
