@@ -134,6 +134,8 @@ def assess_task(params: Params, task: str, folder: Path, columns: slice | None, 
     x_test, y_test = load_split(folder, "test")
     images = to_float(x_test)
     head = fp32_model if columns is None else TaskHead(fp32_model, columns)
+    if columns is not None:
+        print(f"evaluate: task {task}, {len(y_test)} test images", flush=True)
     subset = stratified_head(y_test, settings.robustness_samples, settings.seed)
     sets = perturbed_sets(head, images[subset], y_test[subset], settings, source="fp32", seed=settings.seed)
     candidates = [Candidate("baseline", "fp32", model, "white-box", torch_logits(head)),
