@@ -47,11 +47,12 @@ TINY_PARAMS = {
         "search_space": {"lr": {"type": "loguniform", "low": 0.02, "high": 0.1}}, "seed": 0,
     },
     "train": {
-        "model": "lenet", "dropout": 0.0, "weights": None, "epochs": 6, "batch_size": 32, "optimizer": "sgd",
-        "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0001, "schedule": "constant", "warmup_epochs": 0,
-        "label_smoothing": 0.0, "early_stopping": {"patience": 0}, "adversarial": {"method": "none"},
-        "augmentation": {"digits": {}}, "num_workers": 2, "cpus_per_worker": 1, "max_failures": 2, "use_gpu": False,
-        "amp": "none", "channels_last": False, "storage_path": "ray_results", "use_tuned": True, "seed": 0,
+        "model": "lenet", "tasks": {}, "task_sampling": "proportional", "dropout": 0.0, "weights": None, "epochs": 6,
+        "batch_size": 32, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 0.0001,
+        "schedule": "constant", "warmup_epochs": 0, "label_smoothing": 0.0, "early_stopping": {"patience": 0},
+        "adversarial": {"method": "none"}, "augmentation": {"digits": {}}, "num_workers": 2, "cpus_per_worker": 1,
+        "max_failures": 2, "use_gpu": False, "amp": "none", "channels_last": False, "storage_path": "ray_results",
+        "use_tuned": True, "seed": 0,
     },
     "compress": {
         "variants": ["fp32", "int8", "pruned_kd", "pruned_kd_int8", "distilled", "distilled_int8"],

@@ -91,10 +91,11 @@ def read_history(path: Path) -> list[int]:
 
 def train_workers(ray_address: str) -> list[int]:
     """PIDs of the Ray Train workers on the cluster at `ray_address` (its raylets' children), none of another
-    cluster's on this machine."""
-    raylets = [process for process in psutil.process_iter(["cmdline"])
-               if f"--gcs-address={ray_address}" in (process.info["cmdline"] or [])
-               and process.info["cmdline"][0].endswith("/raylet")]
+    cluster's on this machine. Raylets name the GCS by the node's own IP, so its port picks the cluster."""
+    gcs_port = ray_address.rsplit(":", 1)[1]
+    raylets = [process for process in psutil.process_iter(["cmdline"]) if (process.info["cmdline"] or [""])[0]
+               .endswith("/raylet") and any(arg.startswith("--gcs-address=") and arg.endswith(f":{gcs_port}")
+                                            for arg in process.info["cmdline"])]
     return sorted(child.pid for raylet in raylets for child in raylet.children()
                   if " ".join(child.cmdline()).startswith("ray::RayTrainWorker"))
 
