@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
 from mlflow import MlflowClient
@@ -22,6 +21,7 @@ from kiln.core.errors import InputError
 from kiln.core.models import load_trained_model
 from kiln.core.params import Params, apply_overrides, validate_params
 from kiln.core.prepared import load_split
+from kiln.platform.stack import Stack, stack_pids
 from kiln.train.loop import VAL_BATCH, validate
 from kiln.train.recipe import make_loader
 from tasks import train as train_stage
@@ -89,19 +89,21 @@ def read_history(path: Path) -> list[int]:
     return [int(row["epoch"]) for row in read_rows(path)]
 
 
-def train_workers(ray_address: str) -> list[int]:
-    """PIDs of the Ray Train workers on the cluster at `ray_address` (its raylets' children), none of another
-    cluster's on this machine. Raylets name the GCS by the node's own IP, so its port picks the cluster."""
-    gcs_port = ray_address.rsplit(":", 1)[1]
-    raylets = [process for process in psutil.process_iter(["cmdline"]) if (process.info["cmdline"] or [""])[0]
-               .endswith("/raylet") and any(arg.startswith("--gcs-address=") and arg.endswith(f":{gcs_port}")
-                                            for arg in process.info["cmdline"])]
-    return sorted(child.pid for raylet in raylets for child in raylet.children()
-                  if " ".join(child.cmdline()).startswith("ray::RayTrainWorker"))
+def train_workers(stack: Stack) -> list[int]:
+    """PIDs of the Ray Train workers on the session's stack (none of another Ray on this machine)."""
+    workers = []
+    for pid in stack_pids(stack.root):
+        try:
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::RayTrainWorker"):
+                workers.append(pid)
+        except OSError:  # ended since it was listed
+            continue
+    return workers
 
 
 @pytest.mark.fault
-def test_training_survives_a_killed_worker(prepared: Path, tmp_path: Path, ray_address: str) -> None:
+def test_training_survives_a_killed_worker(prepared: Path, tmp_path: Path, stack: Stack,
+                                          ray_address: str) -> None:
     """SIGKILL one Ray Train worker mid-run: the group restarts from the last epoch checkpoint and finishes."""
     epochs = 25
     params = apply_overrides(TINY_PARAMS, {"train.use_tuned": False, "train.epochs": epochs, "train.num_workers": 2,
@@ -121,7 +123,7 @@ def test_training_survives_a_killed_worker(prepared: Path, tmp_path: Path, ray_a
         if f"train: epoch 3/{epochs}" in line:
             break
         assert time.monotonic() < deadline, "".join(output)
-    workers = train_workers(ray_address)
+    workers = train_workers(stack)
     assert len(workers) == 2, workers
     os.kill(workers[-1], signal.SIGKILL)
     rest, _ = stage.communicate(timeout=600)
