@@ -25,7 +25,8 @@ import yaml
 
 from kiln.core.contract import stages
 from kiln.core.models import build_model
-from kiln.core.params import validate_params
+from kiln.core.params import apply_overrides, validate_params
+from kiln.core.tracking import ARTIFACTS, STORE
 from kiln.platform import objectstore
 from kiln.platform.stack import Stack, StackSettings, down, up
 from tasks import prepare
@@ -78,6 +79,12 @@ TINY_PARAMS = {
         "num_workers": 1, "cpus_per_worker": 1, "seed": 0,
     },
 }
+
+
+# TINY_PARAMS without the compressions and fine-tune methods that tests of their own cover (test_compress's stage,
+# the session's `reproduced` run): for tests about running the pipeline (deployments, the cluster path, the README,
+# resuming), where every stage runs but what it computes is not the subject.
+LEAN_PARAMS = apply_overrides(TINY_PARAMS, {"compress.variants": ["fp32", "int8"], "finetune.methods": ["lora"]})
 
 
 def train_lenet(spec: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.nn.Module:
@@ -136,6 +143,8 @@ os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex
 # `python -m benchmarks.reliability` sets this: every `bad_input` and `fault` test's outcome goes to that file.
 LEDGER = os.environ.get("KILN_RELIABILITY_LEDGER")
 RELIABILITY_MARKS = ("bad_input", "fault")
+PHASES = pytest.StashKey[dict[str, float]]()
+OUTCOMES = pytest.StashKey[set[str]]()
 
 
 def record_cases(node: pytest.Item, *cases: str, kind: str | None = None) -> None:
@@ -149,9 +158,46 @@ def record_measured(node: pytest.Item, **counts: int) -> None:
     node.user_properties.append(("measured", counts))
 
 
+# `.ci/report.py` sets this: each test's phases and the fixtures it set up go to that file, for docs/ci.md.
+TIMINGS = os.environ.get("KILN_TEST_TIMINGS")
+fixture_seconds: dict[str, float] = {}  # the current test's fixtures: seconds to set each up (its own work only)
+
+
+def write_timing(entry: dict[str, Any]) -> None:
+    if TIMINGS:
+        with open(TIMINGS, "a") as timings:
+            timings.write(json.dumps(entry) + "\n")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    write_timing({"session_start": time.time()})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    fixture_seconds.clear()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest) -> Iterator[object]:
+    started = time.monotonic()  # the fixtures it depends on are set up before this hook runs
+    try:
+        return (yield)
+    finally:
+        fixture_seconds[fixturedef.argname] = fixture_seconds.get(fixturedef.argname, 0) + time.monotonic() - started
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[pytest.TestReport]:
     report = yield
+    phases = item.stash.setdefault(PHASES, {})
+    phases[report.when] = report.duration
+    outcomes = item.stash.setdefault(OUTCOMES, set())
+    outcomes.add(report.outcome)
+    if report.when == "teardown":
+        write_timing({"test": item.nodeid, **phases, "outcome": min(outcomes),  # failed < passed < skipped
+                      "fixtures": {name: round(seconds, 1) for name, seconds in fixture_seconds.items()
+                                   if seconds >= 1}})
     marks = [mark.name for mark in item.iter_markers() if mark.name in RELIABILITY_MARKS]
     if LEDGER and marks and (report.when == "call" or report.failed):
         cases: dict[str, set[str]] = {}
@@ -255,7 +301,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
     postgres_dir = Path(tempfile.gettempdir()) / f"kiln-test-postgres-{secrets.token_hex(4)}"  # pytest's are root-only
     try:
-        started = up(StackSettings(root=root, ray_nodes=2, cpus_per_ray_node=1, postgres_dir=postgres_dir))
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("PREFECT_WORKER_QUERY_SECONDS", "2")  # the worker polls for flow runs every 2 s, not 10
+            started = up(StackSettings(root=root, ray_nodes=2, cpus_per_ray_node=1, postgres_dir=postgres_dir))
     except BaseException:
         down(root, purge=True)
         raise
@@ -297,6 +345,15 @@ def copy_repo(target: Path, params: dict) -> Path:
                     ["git", "-c", "user.email=ci@kiln", "-c", "user.name=ci", "commit", "-qm", "copy"],
                     [str(BIN / "dvc"), "repro", "-q", str(RAW_DATA) + ".dvc"]):  # into the DVC cache, as `make data`
         subprocess.run(command, cwd=target, check=True)
+    return target
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    """A copy of the repository `source` as a pipeline run left it (git history, params, outputs, dvc.lock, DVC cache
+    and run-cache) but with an MLflow store and Ray results (train.storage_path) of its own: `dvc repro` there runs
+    only what a change makes stale, and a stage it runs starts afresh."""
+    storage = TINY_PARAMS["train"]["storage_path"]
+    shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns(STORE, ARTIFACTS, storage))
     return target
 
 

@@ -18,7 +18,7 @@ import yaml
 from mlflow import MlflowClient
 from sklearn.datasets import load_digits
 
-from tests.conftest import BIN, TINY_PARAMS, bucket_keys, copy_repo, pg_query, repo_env, run
+from tests.conftest import BIN, LEAN_PARAMS, bucket_keys, copy_repo, pg_query, repo_env, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(2400)]
 EPOCHS = 3
@@ -36,14 +36,15 @@ def deployed_run(stack, tmp_path_factory: pytest.TempPathFactory) -> dict:
     flow run of it on tiny params with a train.epochs override, watched to its end."""
     root = tmp_path_factory.mktemp("team")
     env = {**repo_env(), **stack.env, "KILN_GIT_URL": f"file://{root / 'kiln.git'}"}
-    source = copy_repo(root / "source", TINY_PARAMS)
+    source = copy_repo(root / "source", LEAN_PARAMS)
     sh(f"git clone --quiet --bare {source} {root / 'kiln.git'}", root, env)
     sh(f"dvc remote add --local --default team {env['KILN_DVC_REMOTE']}", source, env)
     sh("dvc push data/raw/fashion-mnist.dvc", source, env)  # what a team does once with its raw data
     sh("prefect --no-prompt deploy --name cluster", source, env)
     watched = subprocess.run(
         [str(BIN / "prefect"), "deployment", "run", "kiln/cluster", "--param",
-         f"overrides={json.dumps({'train.epochs': EPOCHS})}", "--watch", "--watch-timeout", "1800"],
+         f"overrides={json.dumps({'train.epochs': EPOCHS})}", "--watch", "--watch-interval", "1", "--watch-timeout",
+         "1800"],
         cwd=root, env=env, capture_output=True, text=True, timeout=1900)
     worker_log = (stack.root / "logs" / "prefect-worker.log")
     assert "Completed" in watched.stdout, (watched.stdout[-4000:] + watched.stderr[-4000:]
@@ -65,7 +66,7 @@ def test_the_run_records_an_experiment_in_git(deployed_run: dict) -> None:
 
 def test_every_engine_holds_its_part(deployed_run: dict, stack) -> None:
     client, env = deployed_run["client"], stack.env
-    experiment = client.get_experiment_by_name(TINY_PARAMS["tracking"]["experiment"]).experiment_id
+    experiment = client.get_experiment_by_name(LEAN_PARAMS["tracking"]["experiment"]).experiment_id
     runs = {run.data.tags["kiln.stage"]: run for run in client.search_runs([experiment], max_results=200)}
     assert runs["tune"].data.metrics["nodes"] == 2, "tune trials ran on both Ray nodes"
     assert runs["train"].data.metrics["worker_nodes"] == 2, "the two Ray Train workers ran on both nodes"

@@ -119,9 +119,14 @@ def flow(repo: Path, *assignments: str) -> dict:
     return {**json.loads(result.stdout.strip().splitlines()[-1]), "log": result.stdout + result.stderr}
 
 
+# The flow run's overrides: one more epoch, and LEAN_PARAMS' compressions and fine-tune methods (the session's run
+# covered them all; this run is about the flow).
+FLOW_OVERRIDES = (f"train.epochs={TINY_EPOCHS + 1}", "compress.variants=[fp32, int8]", "finetune.methods=[lora]")
+
+
 def test_prefect_flow_runs_in_its_own_workspace_and_records_an_experiment(reproduced: Path, tmp_path: Path) -> None:
     params_before = (reproduced / "params.yaml").read_bytes()
-    result = flow(reproduced, f"train.epochs={TINY_EPOCHS + 1}")
+    result = flow(reproduced, *FLOW_OVERRIDES)
     expected = {"prepare": "restored", "tune": "restored", "train": "ran", "compress": "ran", "evaluate": "ran",
                 "finetune_data": "restored"}  # and finetune runs again if evaluate moved the champion
     assert {stage: result["stages"][stage] for stage in expected} == expected, \
@@ -155,7 +160,7 @@ def test_prefect_flow_runs_in_its_own_workspace_and_records_an_experiment(reprod
     expected_champion = "2" if decision["promoted"] else "1"
     assert str(client.get_model_version_by_alias("kiln", "champion").version) == expected_champion
 
-    again = flow(reproduced, f"train.epochs={TINY_EPOCHS + 1}")
+    again = flow(reproduced, *FLOW_OVERRIDES)
     assert set(again["stages"].values()) == {"restored"} and again["experiment"] != name
     versions = client.search_model_versions("name = 'kiln'")
     assert sorted(str(version.version) for version in versions) == ["1", "2"], "nothing registered again"

@@ -1,11 +1,11 @@
 """The README's own shell blocks, read from README.md at test time and run as a reader types them.
 
 A block is marked for this test by `<!-- readme-test: NAME -->` on the line before its fence. Each runs in a temp git
-copy of the repository on TINY_PARAMS (fewer compress variants), with this session's venv first on PATH (as
-`. .venv/bin/activate` puts it; no other venv is built), a PREFECT_HOME of its own and a free port for the Prefect
-server. `make run` is left out (its `make setup` would build a venv in the copy, and it is the long run), and so is the
-cluster section: the blocks here are what a reader runs after it. Every process a block starts carries a marker in
-its environment, so a block fails if anything it started outlives it, and whatever did is stopped.
+copy of the repository on LEAN_PARAMS, with this session's venv first on PATH (as `. .venv/bin/activate` puts it; no
+other venv is built), a PREFECT_HOME of its own and a free port for the Prefect server. `make run` is left out (its
+`make setup` would build a venv in the copy, and it is the long run), and so is the cluster section: the blocks here
+are what a reader runs after it. Every process a block starts carries a marker in its environment, so a block fails
+if anything it started outlives it, and whatever did is stopped.
 """
 
 from __future__ import annotations
@@ -21,11 +21,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from kiln.platform import processes
-from tests.conftest import REPO, TINY_PARAMS, copy_repo, free_port, repo_env
+from tests.conftest import LEAN_PARAMS, REPO, copy_repo, free_port, repo_env
 
-# The two variants batch inference needs: the other compressions have tests of their own, and here they would only
-# make the one real run of the DAG longer.
-PARAMS = {**TINY_PARAMS, "compress": {**TINY_PARAMS["compress"], "variants": ["fp32", "int8"]}}
 BLOCK = re.compile(r"^<!-- readme-test: (?P<name>[\w-]+) -->\n```(?:bash|sh)\n(?P<body>.*?)^```", re.M | re.S)
 
 # A block runs as a reader's terminal runs it, except that it stops at the first failing command: with job control
@@ -106,7 +103,7 @@ def test_the_readme_blocks_run_as_written(tmp_path: Path, ray_address: str) -> N
     restore it from the run-cache), batch inference with the model it registered, then the deployment walk-through on
     a Prefect server and worker of its own, stopped by the block's own `kill`."""
     (tmp_path / "repo").mkdir()
-    repo = copy_repo(tmp_path / "repo", PARAMS)
+    repo = copy_repo(tmp_path / "repo", LEAN_PARAMS)
     env = {key: value for key, value in repo_env().items() if not key.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_API_PORT=str(free_port()),
                PREFECT_WORKER_QUERY_SECONDS="2", PYTHONUNBUFFERED="1")  # the worker polls every 2 s, not 10

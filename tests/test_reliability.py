@@ -10,20 +10,18 @@ from pathlib import Path
 import pytest
 
 from kiln.core.contract import stage_path
-from tests.conftest import BIN, TINY_PARAMS, copy_repo, printed, repo_env, run
+from tests.conftest import BIN, copy_run, printed, repo_env, run
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]  # real runs on the session stack: out of the quick loop
 
 
-
-
 def test_a_second_dvc_repro_in_one_checkout_stops_at_once_and_the_first_finishes(
-        tmp_path: Path, ray_address: str) -> None:
-    repo = copy_repo(tmp_path / "repo", TINY_PARAMS)
+        reproduced: Path, tmp_path: Path, ray_address: str) -> None:
+    repo = copy_run(reproduced, tmp_path / "repo")
     log = tmp_path / "first.log"
     with log.open("w") as out:
-        first = subprocess.Popen([str(BIN / "dvc"), "repro", "tune"], cwd=repo, env=repo_env(), stdout=out,
-                                 stderr=subprocess.STDOUT, text=True)
+        first = subprocess.Popen([str(BIN / "dvc"), "repro", "--force", "--single-item", "tune"], cwd=repo,
+                                 env=repo_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
     try:
         printed(log, "Running stage 'tune'", first)
         started = time.monotonic()

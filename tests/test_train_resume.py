@@ -14,7 +14,7 @@ import yaml
 from mlflow import MlflowClient
 
 from kiln.core.contract import stage_path
-from tests.conftest import BIN, TINY_PARAMS, copy_repo, printed, record_measured, repo_env, run, until
+from tests.conftest import BIN, TINY_PARAMS, copy_run, printed, record_measured, repo_env, run, until
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]
 EPOCHS = 10
@@ -33,10 +33,10 @@ def train_runs(repo: Path) -> list:
     return client.search_runs([experiment], "tags.`kiln.stage` = 'train'")
 
 
-def test_a_killed_train_driver_resumes_where_it_stopped(tmp_path: Path, ray_address: str,
+def test_a_killed_train_driver_resumes_where_it_stopped(reproduced: Path, tmp_path: Path, ray_address: str,
                                                         request: pytest.FixtureRequest) -> None:
-    repo = copy_repo(tmp_path / "repo", TINY_PARAMS)
-    run([str(BIN / "dvc"), "repro"], cwd=repo)  # the previous, good outputs
+    repo = copy_run(reproduced, tmp_path / "repo")
+    run([str(BIN / "dvc"), "repro"], cwd=repo)  # the previous, good outputs (the session's run: nothing to do)
     lock = (repo / "dvc.lock").read_text()
     model = stage_path("train", "model", repo)
     recorded = next(out["md5"] for out in yaml.safe_load(lock)["stages"]["train"]["outs"]
