@@ -178,13 +178,23 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     fixture_seconds.clear()
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_fixture_setup(fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest) -> Iterator[object]:
-    started = time.monotonic()  # the fixtures it depends on are set up before this hook runs
-    try:
-        return (yield)
-    finally:
-        fixture_seconds[fixturedef.argname] = fixture_seconds.get(fixturedef.argname, 0) + time.monotonic() - started
+class FixtureTimer:
+    """Times each fixture's set-up, its own work only (what it depends on is set up before this hook runs). A plugin
+    of its own: a conftest's hooks do not see session-scoped fixtures, which pytest sets up on the session node."""
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_fixture_setup(self, fixturedef: pytest.FixtureDef, request: pytest.FixtureRequest) -> Iterator[object]:
+        started = time.monotonic()
+        try:
+            return (yield)
+        finally:
+            name = fixturedef.argname
+            fixture_seconds[name] = fixture_seconds.get(name, 0) + time.monotonic() - started
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if TIMINGS:
+        config.pluginmanager.register(FixtureTimer(), "kiln-fixture-timer")
 
 
 @pytest.hookimpl(wrapper=True)
