@@ -2,6 +2,7 @@
 
     python3 .ci/report.py                # clone HEAD, time `bash .ci/run` there (the whole CI, ~40 min on 2 cores)
     python3 .ci/report.py --from DIR     # the same report from a run that already wrote DIR/timings.jsonl, DIR/wall
+    python3 .ci/report.py --installs     # also time pip and uv installing the pinned set from empty caches (~4 min)
 
 Each test's time is split into the expensive fixtures it set up first (tests/conftest.py records them) and its own
 setup, call and teardown; each part is grouped by what it pays for. Standard library only: it runs before the venv.
@@ -34,7 +35,7 @@ FIXTURES = {
 MODULES = {
     "test_cluster": "a pipeline run end to end", "test_deployment": "a pipeline run end to end",
     "test_pipeline": "a pipeline run end to end", "test_readme": "a pipeline run end to end",
-    "test_reliability": "a pipeline run end to end", "test_train_resume": "a pipeline run end to end",
+    "test_reliability": "training epochs", "test_train_resume": "training epochs",
     "test_train": "training epochs", "test_tune": "training epochs", "test_tune_node_lost": "training epochs",
     "test_tracking_faults": "training epochs", "test_multitask": "training epochs", "test_compress": "training epochs",
     "test_finetune": "training epochs", "test_stack": "service stack start-up", "test_mlflow_ui": "a browser",
@@ -72,6 +73,25 @@ def fresh_run(folder: Path) -> None:
     (folder / "wall").write_text(json.dumps({"started": started, "ended": time.time(), "exit_code": code}))
 
 
+def compare_installs(folder: Path) -> None:
+    """Time pip (`make setup` before uv) and uv (`make setup` now) installing the pinned set into fresh venvs with
+    empty caches, one after the other; writes `folder`/installs.json."""
+    seconds = {}
+    for tool in ("pip", "uv"):
+        work = Path(tempfile.mkdtemp(prefix=f"kiln-install-{tool}-"))
+        venv = work / "venv"
+        env = {**os.environ, "PIP_CACHE_DIR": str(work / "cache"), "UV_CACHE_DIR": str(work / "cache")}
+        pip = f"{venv}/bin/python -m pip install -q"
+        command = (f"python3 -m venv {venv} && {pip} --upgrade pip && {pip} -c constraints.txt -e '.[dev,cluster]'"
+                   if tool == "pip" else f"make setup VENV={venv}")
+        started = time.monotonic()
+        with open(folder / f"install-{tool}.log", "w") as log:
+            subprocess.run(["bash", "-c", command], cwd=ROOT, env=env, check=True, stdout=log, stderr=log)
+        seconds[tool] = round(time.monotonic() - started, 1)
+        subprocess.run(["rm", "-rf", str(work)], check=True)
+    (folder / "installs.json").write_text(json.dumps(seconds))
+
+
 def parts(test: dict) -> list[tuple[str, float]]:
     """(what it pays for, seconds) of one test: its expensive fixtures' set-up, then the rest of its time."""
     fixtures = [(FIXTURES.get(name, OTHER), seconds) for name, seconds in test["fixtures"].items() if name in FIXTURES]
@@ -96,6 +116,16 @@ def minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min ({seconds:.0f} s)"
 
 
+def installs(folder: Path) -> list[str]:
+    """The install comparison's lines, when `--installs` measured one."""
+    if not (folder / "installs.json").is_file():
+        return []
+    seconds = json.loads((folder / "installs.json").read_text())
+    return [f"Installing the pinned set from empty caches, one after the other: pip {seconds['pip']:.0f} s, uv "
+            f"{seconds['uv']:.0f} s (`make setup`; {seconds['pip'] / seconds['uv']:.1f}x). With uv's cache warm, as on "
+            "a CI machine that ran before, the install step above is what `.ci/run` paid.", ""]
+
+
 def report(folder: Path) -> str:
     """docs/ci.md's text from `folder`'s timings.jsonl and wall."""
     wall = json.loads((folder / "wall").read_text())
@@ -113,9 +143,10 @@ def report(folder: Path) -> str:
         "Written by `python3 .ci/report.py` from a fresh clone's `bash .ci/run` (see its docstring).", "",
         f"- `.ci/run`: **{minutes(total)}** (budget {BUDGET_S // 60} min), exit code {wall['exit_code']}, "
         f"{len(tests)} tests, {len(failed)} failed{': ' + ', '.join(failed) if failed else ''}",
-        f"- install and set-up before pytest (`make setup data browser postgres`): {minutes(install)}",
+        f"- before pytest's session starts (`make setup data browser postgres`, pytest's imports): {minutes(install)}",
         f"- pytest: {minutes(wall['ended'] - pytest_started)}",
         f"- machine: {cpu()}; measured {time.strftime('%Y-%m-%d', time.gmtime(wall['started']))}", "",
+        *installs(folder),
         "## What the time pays for", "", "| what | seconds | share of pytest |", "| --- | --- | --- |",
         *(f"| {kind} | {seconds:.0f} | {seconds / (wall['ended'] - pytest_started):.0%} |"
           for kind, seconds in sorted(by_kind.items(), key=lambda item: -item[1])), "",
@@ -136,12 +167,15 @@ def report(folder: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="folder", type=Path, help="a folder a run already wrote")
+    parser.add_argument("--installs", action="store_true", help="also compare pip's and uv's install from scratch")
     args = parser.parse_args()
     folder = args.folder
     if folder is None:
         folder = Path(tempfile.mkdtemp(prefix="kiln-ci-report-"))
         print(f"ci report: running .ci/run in {folder / 'repo'}", flush=True)
         fresh_run(folder)
+    if args.installs:
+        compare_installs(folder)
     DOC.write_text(report(folder))
     print(f"ci report: wrote {DOC.relative_to(ROOT)}")
     sys.exit(json.loads((folder / "wall").read_text())["exit_code"])
