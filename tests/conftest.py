@@ -84,7 +84,8 @@ TINY_PARAMS = {
 # TINY_PARAMS without the compressions and fine-tune methods that tests of their own cover (test_compress's stage,
 # the session's `reproduced` run): for tests about running the pipeline (deployments, the cluster path, the README,
 # resuming), where every stage runs but what it computes is not the subject.
-LEAN_PARAMS = apply_overrides(TINY_PARAMS, {"compress.variants": ["fp32", "int8"], "finetune.methods": ["lora"]})
+LEAN_OVERRIDES = {"compress.variants": ["fp32", "int8"], "finetune.methods": ["lora"]}
+LEAN_PARAMS = apply_overrides(TINY_PARAMS, LEAN_OVERRIDES)
 
 
 def train_lenet(spec: dict, images: torch.Tensor, labels: torch.Tensor) -> torch.nn.Module:
@@ -143,8 +144,6 @@ os.environ.update({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex
 # `python -m benchmarks.reliability` sets this: every `bad_input` and `fault` test's outcome goes to that file.
 LEDGER = os.environ.get("KILN_RELIABILITY_LEDGER")
 RELIABILITY_MARKS = ("bad_input", "fault")
-PHASES = pytest.StashKey[dict[str, float]]()
-OUTCOMES = pytest.StashKey[set[str]]()
 
 
 def record_cases(node: pytest.Item, *cases: str, kind: str | None = None) -> None:
@@ -160,6 +159,8 @@ def record_measured(node: pytest.Item, **counts: int) -> None:
 
 # `.ci/report.py` sets this: each test's phases and the fixtures it set up go to that file, for docs/ci.md.
 TIMINGS = os.environ.get("KILN_TEST_TIMINGS")
+PHASES = pytest.StashKey[dict[str, float]]()  # a test's seconds per phase (setup, call, teardown)
+OUTCOMES = pytest.StashKey[set[str]]()  # and the outcome of each
 fixture_seconds: dict[str, float] = {}  # the current test's fixtures: seconds to set each up (its own work only)
 
 

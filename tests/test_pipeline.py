@@ -10,7 +10,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import BIN, STAGES, TINY_PARAMS, run
+from tests.conftest import BIN, LEAN_OVERRIDES, STAGES, TINY_PARAMS, run
 
 pytestmark = pytest.mark.slow
 TINY_EPOCHS = TINY_PARAMS["train"]["epochs"]
@@ -121,7 +121,8 @@ def flow(repo: Path, *assignments: str) -> dict:
 
 # The flow run's overrides: one more epoch, and LEAN_PARAMS' compressions and fine-tune methods (the session's run
 # covered them all; this run is about the flow).
-FLOW_OVERRIDES = (f"train.epochs={TINY_EPOCHS + 1}", "compress.variants=[fp32, int8]", "finetune.methods=[lora]")
+FLOW_OVERRIDES = (f"train.epochs={TINY_EPOCHS + 1}", *(f"{key}={json.dumps(value)}" for key, value in
+                                                        LEAN_OVERRIDES.items()))
 
 
 def test_prefect_flow_runs_in_its_own_workspace_and_records_an_experiment(reproduced: Path, tmp_path: Path) -> None:
