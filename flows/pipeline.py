@@ -7,8 +7,9 @@ the checkout itself is never edited. `workspace="here"`: the run works where the
 fresh `git_clone`, `dvc pull`ed from the team's remote). Either way the run applies its overrides to params.yaml,
 runs `dvc repro --single-item STAGE` per stage (a stage whose inputs DVC has seen is restored from the run-cache),
 saves the result as the DVC experiment named after the flow run, pushes it (git ref to `origin`; outputs and
-run-cache to the DVC remote when the cache is not shared), and records the experiment on the model version that
-evaluate registered.
+run-cache to the DVC remote when the cache is not shared), and records the experiment on the model versions the run
+registered. A run that fails after a registration still saves, pushes and records what finished, so no version
+(and no champion) is left without a rebuildable past.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from kiln.core.contract import stages
 from kiln.core.errors import InputError
 from kiln.core.params import load_params, write_overrides
 from kiln.core.tracking import tracking_uri
+from kiln.evaluate.publish import EXPERIMENT_ENV
 from kiln.platform.lineage import record_experiment
 from kiln.platform.workspace import Experiment, clone_workspace, push_experiment, require_tracked_data, save_experiment
 from tasks.summary import RAN, markdown, stage_statuses
@@ -42,11 +44,13 @@ PARAMS_FILE = "params.yaml"
 
 
 @task(task_run_name="{stage}")
-def run_stage(stage: str, workspace: Path, pull: bool) -> str:
-    """`dvc repro --single-item STAGE` in the workspace, its output in the Prefect log; returns what DVC did."""
+def run_stage(stage: str, workspace: Path, pull: bool, experiment: str) -> str:
+    """`dvc repro --single-item STAGE` in the workspace, its output in the Prefect log; returns what DVC did. The
+    versions it registers name `experiment`, what the run is saved as."""
     logger = get_run_logger()
     command = ["dvc", "repro", "--single-item", *(["--pull"] if pull else []), stage]
-    code, output = shell.stream(command, echo=logger.info, cwd=workspace)
+    env = {**os.environ, EXPERIMENT_ENV: experiment}
+    code, output = shell.stream(command, echo=logger.info, cwd=workspace, env=env)
     if code != 0:
         raise RuntimeError(f"stage {stage!r} failed: `{' '.join(command)}` exited {code}")
     return stage_statuses(output).get(stage, (RAN, None))[0]
@@ -65,14 +69,13 @@ def open_workspace(mode: str, source: Path) -> Path:
 
 
 @task
-def record(workspace: Path, name: str, shared_cache: bool, evaluated: bool) -> Experiment:
-    """Save and push the run as a DVC experiment; tag the model version evaluate registered in this run with it."""
-    experiment = save_experiment(workspace, name)
-    push_experiment(workspace, experiment, with_data=not shared_cache)
-    if evaluated:
-        record_experiment(workspace, experiment)
+def record(workspace: Path, name: str, shared_cache: bool) -> Experiment:
+    """Save and push the run (what finished of it) as a DVC experiment; tag the model versions it registered."""
+    experiment = push_experiment(workspace, save_experiment(workspace, name), with_data=not shared_cache)
+    versions = ", ".join(f"{model} v{version}" for model, version in record_experiment(workspace, experiment))
     get_run_logger().info(f"experiment {name}: {experiment.ref} ({experiment.commit[:10]}) pushed to "
-                          f"{experiment.remote}; `dvc exp apply {name}` brings it into a checkout")
+                          f"{experiment.remote}, recorded on {versions or 'no version'}; `dvc exp apply {name}` brings "
+                          "it into a checkout")
     return experiment
 
 
@@ -95,9 +98,16 @@ def pipeline(overrides: dict[str, Any] | None = None, workspace: Literal["clone"
         os.environ.setdefault("MLFLOW_TRACKING_URI", tracking_uri())  # the checkout's store, not the workspace's
     folder = open_workspace(workspace, source)
     write_overrides(folder / PARAMS_FILE, overrides)
-    statuses = {stage: run_stage(stage, folder, pull=workspace == "here") for stage in stages(folder)}
     name = f"{flow_run.get_name() or 'kiln'}-{str(flow_run.get_id() or '')[:8]}".strip("-")
-    experiment = record(folder, name, shared_cache=workspace == "clone", evaluated=statuses.get("evaluate") == RAN)
+    statuses: dict[str, str] = {}
+    try:
+        for stage in stages(folder):
+            statuses[stage] = run_stage(stage, folder, pull=workspace == "here", experiment=name)
+    except Exception:
+        if statuses.get("evaluate") == RAN:  # a registered version keeps its lineage
+            record(folder, name, shared_cache=workspace == "clone")
+        raise
+    experiment = record(folder, name, shared_cache=workspace == "clone")
     create_markdown_artifact(markdown({stage: (status, None) for stage, status in statuses.items()}, folder)
                              + f"\n\nDVC experiment `{name}` ({experiment.commit[:10]})",
                              key="kiln-run-report", description="kiln pipeline run")

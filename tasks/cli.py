@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
@@ -21,12 +23,31 @@ PIPELINE = "Pipeline"
 @app.command(rich_help_panel=PIPELINE)
 def run(targets: Annotated[list[str] | None, typer.Argument(help="Stages to bring up to date (default: all).")] = None,
         force: Annotated[bool, typer.Option(help="Run the stages even if DVC finds them up to date.")] = False) -> None:
-    """Bring the pipeline up to date with `dvc repro` (DVC decides what is stale), then print the summary."""
+    """Bring the pipeline up to date with `dvc repro` (DVC decides what is stale), then print the summary.
+
+    A run that registers a model version is saved as a local DVC experiment (`dvc exp show` lists it), recorded on
+    the version, so that `kiln reproduce` can rebuild it; so is what finished of a run that failed."""
+    from kiln.evaluate.publish import EXPERIMENT_ENV
+
+    name = f"run-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     command = ["dvc", "repro", *(["--force"] if force else []), *(targets or [])]
-    code, output = shell.stream(command, echo=print)
+    code, output = shell.stream(command, echo=print, env={**os.environ, EXPERIMENT_ENV: name})
+    record_local(name)
     print(summary.render(summary.stage_statuses(output)))
     if code:
         sys.exit(f"kiln run: `{' '.join(command)}` failed (exit {code}); the stages above it finished")
+
+
+def record_local(name: str) -> None:
+    """Save this checkout as the experiment `name` and record it on the versions the run registered, if any."""
+    from kiln.platform.lineage import record_experiment, registered_by
+    from kiln.platform.workspace import save_experiment
+
+    if registered_by(Path.cwd(), name):
+        experiment = save_experiment(Path.cwd(), name)
+        versions = record_experiment(Path.cwd(), experiment)
+        print(f"lineage: experiment {name} ({experiment.commit[:10]}) recorded on "
+              f"{', '.join(f'{model} v{version}' for model, version in versions)}")
 
 
 @app.command("summary", rich_help_panel=PIPELINE)
@@ -53,8 +74,8 @@ def reproduce(
 ) -> None:
     """Rebuild a registered version from its lineage and compare every stage with the record.
 
-    The lineage is the DVC experiment of the flow run that registered the version (see README, "Reproducing a
-    registered version")."""
+    The lineage is the DVC experiment of the run (`kiln run`, `kiln flow`, a deployment, `dvc exp run`) that
+    registered the version (see README, "Reproducing a registered version")."""
     from mlflow import MlflowClient
 
     from kiln.core.tracking import tracking_uri

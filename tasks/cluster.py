@@ -1,5 +1,6 @@
 """`kiln cluster`: the service stack of a single-machine team server (PostgreSQL, SeaweedFS S3, MLflow and Prefect
-servers, a Prefect worker, a Ray cluster), started natively, on 127.0.0.1."""
+servers, a Prefect worker, a Ray cluster), started natively, on 127.0.0.1, with a supervisor that restarts a crashed
+service."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from kiln.platform import stack
+from kiln.platform import stack, supervise
 from kiln.platform.processes import StackError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
@@ -55,15 +56,29 @@ def down(root: Root = DEFAULT_ROOT,
 
 
 @app.command()
+def restart(service: Annotated[str | None, typer.Argument(
+                help=f"One of {', '.join(supervise.SUPERVISED)} (default: all of them).")] = None,
+            root: Root = DEFAULT_ROOT) -> None:
+    """Restart a service (or every one the supervisor watches) with the environment it was started with, and wait
+    until it is healthy."""
+    try:
+        restarted = stack.restart(root, [service] if service else None)
+    except StackError as exc:
+        sys.exit(f"cluster restart: {exc}")
+    print(f"cluster: restarted {', '.join(restarted)} in {root.resolve()}")
+
+
+@app.command()
 def status(root: Root = DEFAULT_ROOT) -> None:
-    """Each service of the stack: its processes, memory and health."""
+    """Each service of the stack: its processes, memory, health and restarts after a crash."""
     services = stack.status(root)
     if not services:
         sys.exit(f"cluster: no stack runs in {root.resolve()}")
-    print(f"{'service':<16}{'pid':>8}{'procs':>7}{'memory':>11}  health")
+    print(f"{'service':<16}{'pid':>8}{'procs':>7}{'memory':>11}{'restarts':>10}  health")
     for service in services:
         health = "healthy" if service.healthy else ("DOWN" if not service.processes else "UNHEALTHY")
-        print(f"{service.name:<16}{service.pid:>8}{service.processes:>7}{mib(service.rss):>11}  {health}")
+        print(f"{service.name:<16}{service.pid:>8}{service.processes:>7}{mib(service.rss):>11}{service.restarts:>10}"
+              f"  {health}")
     print(f"total {mib(stack.memory(root))} resident")
     if not all(service.healthy for service in services):
         raise typer.Exit(1)

@@ -1,8 +1,9 @@
 """The cluster path end to end, on the session's real service stack (Postgres, SeaweedFS S3, MLflow and Prefect
 servers, a Prefect worker, two Ray nodes): `prefect deployment run 'kiln/cluster'` through a worker whose working
 directory is not a repository; the run clones the team's repository, pulls its data from the S3 remote, records a DVC
-experiment and pushes it back; another machine (a fresh clone) gets the exact models, predicts with the champion
-through the MLflow server, and rebuilds the registered version from its lineage."""
+experiment and pushes it back; another machine (a fresh clone) gets the exact models and predicts with the champion
+through the MLflow server; a second run that fails after promoting its version still records its experiment, and
+that champion rebuilds from its lineage."""
 
 from __future__ import annotations
 
@@ -106,10 +107,33 @@ def test_another_machine_gets_the_exact_models_and_predicts(deployed_run: dict, 
     assert rows[0] == "item,predicted,confidence" and len(rows) == 9
 
 
-def test_the_registered_version_rebuilds_from_its_lineage(deployed_run: dict, tmp_path: Path) -> None:
+def test_a_run_failing_after_its_promotion_still_records_the_champions_lineage(deployed_run: dict) -> None:
+    """The alias `champion` is removed first, as a new registry entry has none, so the run's version is promoted;
+    `finetune.base` names a version that does not exist, so the run fails at finetune, after evaluate. Only evaluate
+    runs again (`finetune.base` is one of its params); the rest comes from the run-cache the first run pushed."""
+    client, root, env = deployed_run["client"], deployed_run["root"], deployed_run["env"]
+    client.delete_registered_model_alias("kiln", "champion")
+    watched = subprocess.run(
+        [str(BIN / "prefect"), "deployment", "run", "kiln/cluster", "--param",
+         f"overrides={json.dumps({'train.epochs': EPOCHS, 'finetune.base': '99'})}", "--watch", "--watch-interval",
+         "1", "--watch-timeout", "900"], cwd=root, env=env, capture_output=True, text=True, timeout=1000)
+    assert "'Failed'" in watched.stdout, watched.stdout[-4000:] + watched.stderr[-4000:]
+    champion = client.get_model_version_by_alias("kiln", "champion")
+    assert str(champion.version) == "2", "the failed run's version was promoted"
+    tags = champion.tags
+    refs = dict(line.split()[::-1] for line in sh(f"git ls-remote {root / 'kiln.git'} 'refs/exps/*'", root,
+                                                  env).splitlines())
+    assert refs[tags["kiln.experiment_ref"]] == tags["kiln.experiment_commit"] == tags["kiln.git_commit"]
+    lock = yaml.safe_load(sh(f"git --git-dir {root / 'kiln.git'} show {tags['kiln.git_commit']}:dvc.lock", root, env))
+    assert "evaluate" in lock["stages"] and "finetune" not in lock["stages"], "what finished, and only that"
+
+
+def test_the_champion_rebuilds_from_its_lineage(deployed_run: dict, tmp_path: Path) -> None:
+    """The failed run's champion (the test before): its experiment's commit, data from the S3 remote, every stage."""
     env = deployed_run["env"]
     output = sh(f"{BIN / 'kiln'} reproduce models:/kiln@champion --workdir {tmp_path / 'rebuild'}", tmp_path, env,
                 timeout=1800)
+    assert "reproduce: kiln v2 " in output
     verdicts = dict(re.findall(r"^  (prepare|tune|train|compress|evaluate) +(\S+)", output, re.M))
     assert verdicts == {"prepare": "identical", "tune": verdicts["tune"], "train": "identical",
                         "compress": "identical", "evaluate": "identical"}, output[-4000:]

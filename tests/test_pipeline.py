@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import BIN, LEAN_OVERRIDES, STAGES, TINY_PARAMS, run
+from tests.conftest import BIN, LEAN_OVERRIDES, STAGES, TINY_PARAMS, repo_env, run
 
 pytestmark = pytest.mark.slow
 TINY_EPOCHS = TINY_PARAMS["train"]["epochs"]
@@ -112,6 +113,21 @@ def test_first_version_is_champion_and_challenger(reproduced: Path) -> None:
     assert {"kiln.git_commit", "kiln.data_hash", "kiln.params_hash", "kiln.tune_run_id"} <= set(champion.tags)
 
 
+def test_kiln_run_records_a_local_experiment_on_every_version_it_registers(reproduced: Path) -> None:
+    client = client_for(reproduced)
+    names = set()
+    for model in ("kiln", TINY_PARAMS["finetune"]["registered_model"]):
+        tags = client.get_model_version(model, "1").tags
+        names.add(tags["kiln.experiment"])
+        assert tags["kiln.git_commit"] == tags["kiln.experiment_commit"], "the experiment's commit, never HEAD-dirty"
+        assert run(["git", "rev-parse", tags["kiln.experiment_ref"]], cwd=reproduced).stdout.strip() == \
+            tags["kiln.experiment_commit"]
+        assert tags["kiln.git_remote"] == str(reproduced)
+    (name,) = names
+    assert name.startswith("run-") and name in run(["dvc", "exp", "list", "--name-only"], cwd=reproduced).stdout
+    assert f"lineage: experiment {name} " in (reproduced.parent / "kiln-run.log").read_text()
+
+
 def flow(repo: Path, *assignments: str) -> dict:
     """`kiln flow -S ...` in `repo`: its result, and its output under "log"."""
     result = run([str(BIN / "kiln"), "flow", *(item for assignment in assignments for item in ("-S", assignment))],
@@ -166,3 +182,22 @@ def test_prefect_flow_runs_in_its_own_workspace_and_records_an_experiment(reprod
     versions = client.search_model_versions("name = 'kiln'")
     assert sorted(str(version.version) for version in versions) == ["1", "2"], "nothing registered again"
     assert "didn't change" in run(["dvc", "repro"], cwd=reproduced).stdout
+    for version in [*versions, *client.search_model_versions("name = 'kiln-fashion'")]:
+        commit = version.tags["kiln.git_commit"]
+        assert commit == version.tags["kiln.experiment_commit"] and not commit.endswith("-dirty")
+        assert run(["git", "cat-file", "-t", commit], cwd=reproduced).stdout.strip() == "commit", version
+
+
+def test_a_version_kiln_run_registered_rebuilds_in_another_clone(reproduced: Path, tmp_path: Path) -> None:
+    """`kiln reproduce` of the session's `kiln run` version (v1), from a clone of the repository: every stage
+    re-run against a scratch store, and the required ones identical."""
+    clone = tmp_path / "clone"
+    run(["git", "clone", "--quiet", str(reproduced), str(clone)], cwd=tmp_path)
+    store = f"sqlite:///{reproduced / 'mlflow.db'}"
+    result = subprocess.run([str(BIN / "kiln"), "reproduce", "models:/kiln/1", "--workdir", str(tmp_path / "rebuild")],
+                            cwd=clone, env={**repo_env(), "MLFLOW_TRACKING_URI": store}, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    verdicts = dict(re.findall(r"^  (prepare|tune|train|compress|evaluate) +(\S+)", result.stdout, re.M))
+    assert verdicts == {"prepare": "identical", "tune": verdicts["tune"], "train": "identical",
+                        "compress": "identical", "evaluate": "identical"}, result.stdout[-4000:]

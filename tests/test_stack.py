@@ -1,29 +1,35 @@
 """The service stack, each service proved for real through the session's shared stack (tests/conftest.py `stack`):
 PostgreSQL holds MLflow's and Prefect's databases, MLflow proxies artifacts into S3 for clients without S3 keys, DVC
-pushes to and pulls from the S3 remote, Ray tasks on both nodes write to S3 through pyarrow, the Prefect worker runs a
-flow run with the stack's S3 keys, every socket but Ray's binds 127.0.0.1; and `kiln cluster up/status/down` on a
-second small stack prints what it promises and leaves none of its processes behind."""
+pushes to and pulls from the S3 remote, Ray tasks on both nodes write to S3 through pyarrow and their output reaches
+the driver once, the Prefect worker runs a flow run with the stack's S3 keys, every socket but Ray's binds 127.0.0.1, a
+killed MLflow server or Prefect worker is restarted by the supervisor and `kiln cluster restart` restarts one on
+purpose; and `kiln cluster up/status/down` on a second small stack prints what it promises and leaves none of its
+processes behind."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import textwrap
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from itertools import pairwise
 from pathlib import Path
 
 import psutil
 import pytest
 
-from kiln.platform import postgres, processes
+from kiln.platform import postgres, processes, servers, supervise
 from kiln.platform.stack import Stack, memory, read_env, stack_pids, status
-from tests.conftest import BIN, REPO, bucket_keys, pg_query, run
+from tests.conftest import BIN, REPO, bucket_keys, pg_query, run, until
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 ENV_KEYS = {"MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
@@ -113,29 +119,51 @@ def test_ray_tasks_on_both_nodes_write_to_s3_through_pyarrow(stack: Stack, tmp_p
     assert sorted(stored) == sorted(uri.removeprefix("s3://kiln-ray/") for uri in written)
 
 
-def test_the_prefect_worker_runs_a_flow_with_the_stacks_keys(stack: Stack, tmp_path: Path) -> None:
-    """A deployment on the kiln-cluster pool, without job variables: the flow run gets its S3 keys from the worker."""
-    (tmp_path / "probe.py").write_text(textwrap.dedent("""
-        import os
-        import boto3
-        from prefect import flow
-
-        @flow
-        def probe() -> None:
-            boto3.client("s3").put_object(Bucket="kiln-dvc", Key="stack-test/flow-run", Body=os.getcwd().encode())
-    """))
+def run_flow(stack: Stack, folder: Path, name: str, body: str) -> None:
+    """Deploy the flow `name` (its body the code `body`) on the kiln-cluster pool without job variables, run it, and
+    fail unless it completes."""
+    (folder / f"{name}.py").write_text(f"import os\nimport boto3\nfrom prefect import flow\n\n\n@flow\n"
+                                       f"def {name}() -> None:\n    {body}\n")
     env = {**without_s3_keys(), "PREFECT_API_URL": stack.env["PREFECT_API_URL"],
-           "PREFECT_HOME": str(tmp_path / "prefect-home")}
+           "PREFECT_HOME": str(folder / "prefect-home")}
     python(f"""
         from prefect import flow
-        flow.from_source(source={str(tmp_path)!r}, entrypoint="probe.py:probe").deploy(
-            name="probe", work_pool_name={stack.env['KILN_WORK_POOL']!r})
-    """, env, tmp_path)
-    watched = subprocess.run([str(BIN / "prefect"), "deployment", "run", "probe/probe", "--watch",
-                              "--watch-timeout", "240"], env=env, cwd=tmp_path, capture_output=True, text=True,
+        flow.from_source(source={str(folder)!r}, entrypoint="{name}.py:{name}").deploy(
+            name={name!r}, work_pool_name={stack.env['KILN_WORK_POOL']!r})
+    """, env, folder)
+    watched = subprocess.run([str(BIN / "prefect"), "deployment", "run", f"{name}/{name}", "--watch",
+                              "--watch-timeout", "240"], env=env, cwd=folder, capture_output=True, text=True,
                              timeout=300)
     worker_log = (stack.root / "logs" / "prefect-worker.log").read_text()[-6000:]
     assert "Completed" in watched.stdout, watched.stdout[-3000:] + watched.stderr[-3000:] + worker_log
+
+
+def test_a_line_a_ray_task_prints_reaches_the_driver_once(stack: Stack, tmp_path: Path) -> None:
+    """Each node forwards only its own workers' output (a temp dir of its own): a shared one doubled every line."""
+    env = {**os.environ, "RAY_ADDRESS": stack.env["RAY_ADDRESS"]}
+    driver = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        import time, ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        @ray.remote(num_cpus=1)
+        def say(index):
+            print(f"kiln-line-from-node-{index}", flush=True)
+
+        ray.init(logging_level="ERROR")
+        nodes = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
+        ray.get([say.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(index)
+                 for index, node in enumerate(nodes)])
+        time.sleep(4)  # forwarded lines arrive a log-monitor poll or two later, a duplicate no later than its original
+    """)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    output = driver.stdout + driver.stderr
+    assert driver.returncode == 0, output[-6000:]
+    assert [output.count(f"kiln-line-from-node-{index}") for index in range(2)] == [1, 1], output[-6000:]
+
+
+def test_the_prefect_worker_runs_a_flow_with_the_stacks_keys(stack: Stack, tmp_path: Path) -> None:
+    """A deployment on the kiln-cluster pool, without job variables: the flow run gets its S3 keys from the worker."""
+    run_flow(stack, tmp_path, "probe",
+             'boto3.client("s3").put_object(Bucket="kiln-dvc", Key="stack-test/flow-run", Body=os.getcwd().encode())')
     assert bucket_keys(stack.env, "s3://kiln-dvc/stack-test/flow-run")
     assert ("kiln-cluster", "process") in pg_query(stack.env, "prefect", "select name, type from work_pool")
     states = pg_query(stack.env, "prefect", "select fr.state_type from flow_run fr join deployment d "
@@ -175,6 +203,91 @@ def test_every_socket_but_rays_binds_loopback_and_ray_wants_its_token(stack: Sta
     assert re.search("InvalidAuthToken|Unauthenticated", refused.stderr), refused.stderr[-3000:]
 
 
+def kill(stack: Stack, name: str) -> int:
+    """SIGKILL every process of the service `name`'s session, as a crash would; its session id."""
+    sid = processes.recorded(stack.root)[name]
+    for pid in processes.session(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return sid
+
+
+def restarts(stack: Stack, name: str) -> int:
+    return next(service.restarts for service in status(stack.root) if service.name == name)
+
+
+def restarted(stack: Stack, name: str, previous: int, ready: Callable[[], bool]) -> int:
+    """Wait (30 s at most) until `name` runs in a session other than `previous` and `ready` holds; the new session
+    id, whose environment is the recorded one."""
+    def back() -> int | None:
+        sid = processes.recorded(stack.root).get(name)
+        return sid if sid != previous and processes.leads(sid) and ready() else None
+
+    sid = until(back, 30, lambda: f"{name} is not back after 30 s; the supervisor's log:\n"
+                                  f"{processes.tail(processes.log_path(stack.root, supervise.NAME))}")
+    spec = json.loads((stack.root / processes.SPECS / f"{name}.json").read_text())
+    environ = dict(line.split("=", 1) for line in Path(f"/proc/{sid}/environ").read_text().split("\0") if line)
+    assert environ == {**spec["env"], processes.MARKER: str(stack.root)}, "restarted with the recorded environment"
+    return sid
+
+
+def all_healthy(stack: Stack) -> bool:
+    return all(service.healthy for service in status(stack.root))
+
+
+def test_a_killed_mlflow_server_is_back_within_30_s(stack: Stack) -> None:
+    before = restarts(stack, "mlflow")
+    url = stack.env["MLFLOW_TRACKING_URI"]
+    restarted(stack, "mlflow", kill(stack, "mlflow"), lambda: servers.mlflow_ready(url))
+    assert restarts(stack, "mlflow") == before + 1
+    until(lambda: all_healthy(stack), 60, lambda: f"not all healthy: {status(stack.root)}")
+
+
+def test_a_killed_prefect_worker_is_back_and_runs_flows_again(stack: Stack, tmp_path: Path) -> None:
+    before = restarts(stack, "prefect-worker")
+    restarted(stack, "prefect-worker", kill(stack, "prefect-worker"), lambda: True)
+    assert restarts(stack, "prefect-worker") == before + 1
+    run_flow(stack, tmp_path, "again", 'print("polled again")')
+    assert all_healthy(stack)
+
+
+def test_the_supervisor_backs_off_a_service_that_keeps_crashing(tmp_path: Path) -> None:
+    """Restarted at once after its first crash, then 2 s and 4 s later (no stack: a service that exits at once)."""
+    processes.spawn(tmp_path, "s3", ["sh", "-c", "exit 3"], dict(os.environ), tmp_path)
+    watches: dict[str, supervise.Watch] = {}
+    restarted_at = []
+    deadline = time.monotonic() + 7.5
+    try:
+        while time.monotonic() < deadline:
+            supervise.check(tmp_path, watches)
+            if supervise.restarts(tmp_path).get("s3", 0) > len(restarted_at):
+                restarted_at.append(time.monotonic())
+            time.sleep(0.05)
+    finally:
+        processes.stop(tmp_path, "s3", grace=0)
+    gaps = [later - earlier for earlier, later in pairwise(restarted_at)]
+    assert len(gaps) == 2 and 1.9 < gaps[0] < 3 and 3.9 < gaps[1] < 5, gaps
+
+
+def cluster(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`kiln cluster ARGS`, as a user would type it."""
+    return run([sys.executable, "-c", "from tasks.cluster import app; app()", *args], cwd=REPO, check=check)
+
+
+def test_cluster_restart_restarts_a_service_with_its_recorded_environment(stack: Stack) -> None:
+    previous, before = processes.recorded(stack.root)["mlflow"], restarts(stack, "mlflow")
+    shown = cluster("restart", "mlflow", "--root", str(stack.root)).stdout
+    assert f"restarted mlflow in {stack.root}" in shown
+    restarted(stack, "mlflow", previous, lambda: servers.mlflow_ready(stack.env["MLFLOW_TRACKING_URI"]))
+    assert restarts(stack, "mlflow") == before, "a restart on purpose is not a crash: the supervisor left it alone"
+    report = cluster("status", "--root", str(stack.root)).stdout
+    assert re.search(rf"^mlflow +\d+ +\d+ +\d+ MiB +{before} +healthy$", report, re.M), report
+    assert report.count("healthy") == len(processes.recorded(stack.root)), report
+    refused = cluster("restart", "ray-head", "--root", str(stack.root), check=False)
+    assert refused.returncode == 1 and "ray-head: not a running service" in refused.stderr, refused.stderr
+    assert all_healthy(stack)
+
+
 @pytest.fixture
 def cli_root() -> Iterator[Path]:
     """A root the `postgres` user can enter (pytest's temp dirs are root-only), removed afterwards."""
@@ -186,9 +299,6 @@ def cli_root() -> Iterator[Path]:
 
 def test_the_cli_starts_reports_and_stops_a_stack_leaving_nothing_behind(stack: Stack, cli_root: Path) -> None:
     """A second, one-node stack beside the session's: `kiln cluster up`, `status`, `down --purge`."""
-    def cluster(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return run([sys.executable, "-c", "from tasks.cluster import app; app()", *args], cwd=REPO, check=check)
-
     shown = cluster("up", "--root", str(cli_root), "--ray-nodes", "1", "--cpus-per-node", "1").stdout
     env = read_env(cli_root / "kiln.env")
     try:
@@ -199,7 +309,7 @@ def test_the_cli_starts_reports_and_stops_a_stack_leaving_nothing_behind(stack: 
         assert set(env) == ENV_KEYS and env["RAY_ADDRESS"] != stack.env["RAY_ADDRESS"]
         assert (cli_root / "postgres" / "PG_VERSION").is_file(), "root is reachable, so Postgres keeps its data there"
         report = cluster("status", "--root", str(cli_root)).stdout
-        assert report.count("healthy") == 6, report
+        assert report.count("healthy") == 7 and re.search(r"^supervisor .* healthy$", report, re.M), report
         again = cluster("up", "--root", str(cli_root), check=False)
         assert again.returncode == 1 and "already running" in again.stderr
         started = stack_pids(cli_root)

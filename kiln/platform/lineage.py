@@ -1,5 +1,10 @@
 """The lineage of a registered model version: which DVC experiment (git ref and commit, with params.yaml and
-dvc.lock) produced it, recorded on the version and its run so that `kiln reproduce` can rebuild it."""
+dvc.lock) produced it, recorded on the version and its run so that `kiln reproduce` can rebuild it.
+
+A pipeline run names its experiment before it starts (kiln.evaluate.publish.EXPERIMENT_ENV), so every version it
+registers carries the name from the start; when the run ends, finished or failed, it saves the experiment and
+`record_experiment` completes the lineage of those versions.
+"""
 
 from __future__ import annotations
 
@@ -7,26 +12,46 @@ import json
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from kiln.core.contract import stages
 from kiln.core.tracking import tracking_uri
 from kiln.platform.workspace import Experiment
 
 EXPERIMENT_TAGS = ("kiln.experiment", "kiln.experiment_ref", "kiln.experiment_commit", "kiln.git_remote")
+REGISTERING_STAGES = ("evaluate", "finetune")  # the stages whose registration.json names a version
 
 
-def record_experiment(workspace: Path, experiment: Experiment) -> str:
-    """Tag the version that evaluate registered in `workspace` (its registration.json) and the version's run with the
-    experiment, and log the run's params.yaml and dvc.lock to that run under `lineage/`; returns the version."""
-    registration = json.loads((workspace / stages(workspace)["evaluate"].output("registration.json")).read_text())
+def registered_by(workspace: Path, name: str) -> list[tuple[str, str]]:
+    """(model, version) of each version the run named `name` registered in `workspace`."""
+    client, found = MlflowClient(tracking_uri()), []
+    for stage in REGISTERING_STAGES:
+        path = workspace / stages(workspace)[stage].output("registration.json")
+        if path.is_file():
+            registration = json.loads(path.read_text())
+            model, version = registration["registered_model"], str(registration["version"])
+            try:
+                tags = client.get_model_version(model, version).tags
+            except MlflowException:  # a registration of another store's: not this run's
+                continue
+            if tags.get("kiln.experiment") == name:
+                found.append((model, version))
+    return found
+
+
+def record_experiment(workspace: Path, experiment: Experiment) -> list[tuple[str, str]]:
+    """Tag each version the experiment's run registered, and the version's run, with the experiment (its commit as
+    `kiln.git_commit` too), and log the run's params.yaml and dvc.lock to that run under `lineage/`; returns the
+    (model, version) pairs."""
     client = MlflowClient(tracking_uri())
-    name, version = registration["registered_model"], str(registration["version"])
-    tags = dict(zip(EXPERIMENT_TAGS, (experiment.name, experiment.ref, experiment.commit, experiment.remote),
-                    strict=True))
-    run_id = client.get_model_version(name, version).run_id
-    for key, value in tags.items():
-        client.set_model_version_tag(name, version, key, value)
-        client.set_tag(run_id, key, value)
-    for file in ("params.yaml", "dvc.lock"):
-        client.log_artifact(run_id, str(workspace / file), "lineage")
-    return version
+    tags = {**dict(zip(EXPERIMENT_TAGS, (experiment.name, experiment.ref, experiment.commit, experiment.remote),
+                       strict=True)), "kiln.git_commit": experiment.commit}
+    versions = registered_by(workspace, experiment.name)
+    for model, version in versions:
+        run_id = client.get_model_version(model, version).run_id
+        for key, value in tags.items():
+            client.set_model_version_tag(model, version, key, value)
+            client.set_tag(run_id, key, value)
+        for file in ("params.yaml", "dvc.lock"):
+            client.log_artifact(run_id, str(workspace / file), "lineage")
+    return versions

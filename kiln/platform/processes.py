@@ -1,9 +1,11 @@
 """The stack's long-running processes, and only those.
 
 Each service starts in a session of its own (its pid is the session id), logs to root/logs/NAME.log, is recorded in
-root/pids.json and carries KILN_STACK=root in its environment. Stopping a service signals every live process of its
-session; a final sweep also ends processes that left the session but inherited the marker (a Prefect flow run in a
-session of its own). Other processes on the machine, other Ray instances included, are never touched.
+root/pids.json, carries KILN_STACK=root in its environment, and has its command, environment and directory kept in
+root/services/NAME.json (mode 0600: the environment holds secrets), so that it can be started again alone. Stopping a
+service signals every live process of its session; a final sweep also ends processes that left the session but
+inherited the marker (a Prefect flow run in a session of its own). Other processes on the machine, other Ray
+instances included, are never touched.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 PIDS = "pids.json"
+SPECS = "services"
 MARKER = "KILN_STACK"
 
 
@@ -85,17 +88,64 @@ def log_path(root: Path, name: str) -> Path:
     return root / "logs" / f"{name}.log"
 
 
-def spawn(root: Path, name: str, command: list[str], env: dict[str, str], cwd: Path, user: str | None = None) -> int:
-    """Start `command` in a new session with its output appended to its log; record and return its pid."""
+def _keep_spec(root: Path, name: str, spec: dict) -> None:
+    folder = root / SPECS
+    folder.mkdir(mode=0o700, exist_ok=True)
+    descriptor = os.open(folder / f"{name}.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        json.dump(spec, handle, indent=1)
+
+
+def _launch(root: Path, name: str, spec: dict) -> int:
+    """Start the service `spec` describes in a new session with its output appended to its log; record its pid."""
     log = log_path(root, name)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
+        out.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(spec['command'])}\n".encode())
         out.flush()
-        process = subprocess.Popen(command, cwd=cwd, env={**env, MARKER: str(root)}, stdin=subprocess.DEVNULL,
-                                   stdout=out, stderr=subprocess.STDOUT, start_new_session=True, **as_user(user))
+        process = subprocess.Popen(spec["command"], cwd=spec["cwd"], env={**spec["env"], MARKER: str(root)},
+                                   stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                   start_new_session=True, **as_user(spec["user"]))
     _record(root, name, process.pid)
     return process.pid
+
+
+def spawn(root: Path, name: str, command: list[str], env: dict[str, str], cwd: Path, user: str | None = None) -> int:
+    """Start `command` in a new session with its output appended to its log; record and return its pid, and keep
+    what started it for `respawn`."""
+    spec = {"command": command, "env": env, "cwd": str(cwd), "user": user, "leaves": []}
+    _keep_spec(root, name, spec)
+    return _launch(root, name, spec)
+
+
+def _spec(root: Path, name: str) -> dict:
+    return json.loads((root / SPECS / f"{name}.json").read_text())
+
+
+def leaves_behind(root: Path, name: str, *paths: Path) -> None:
+    """Note files that the service `name` leaves behind when killed and that would stop it from starting again (a pid
+    file naming a zombie nobody reaped, or a pid since reused): `respawn` deletes them first."""
+    spec = _spec(root, name)
+    _keep_spec(root, name, {**spec, "leaves": [*spec["leaves"], *map(str, paths)]})
+
+
+def respawn(root: Path, name: str) -> int:
+    """Start the service `name` again as `spawn` first started it (once it is stopped, or dead with its session
+    cleared); record and return its new pid."""
+    spec = _spec(root, name)
+    for path in spec["leaves"]:
+        Path(path).unlink(missing_ok=True)
+    return _launch(root, name, spec)
+
+
+def leads(sid: int) -> bool:
+    """Whether process `sid` lives (not a zombie) and still leads its session (its pid was not reused)."""
+    try:
+        fields = Path(f"/proc/{sid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return False
+    return fields[0] not in ("Z", "X") and int(fields[3]) == sid
 
 
 def _processes() -> dict[int, int]:
@@ -149,7 +199,7 @@ def _signal(pids: list[int], sig: signal.Signals) -> None:
             continue
 
 
-def _reap(pid: int) -> None:
+def reap(pid: int) -> None:
     """Collect the exit status of `pid` if it is our child, so it does not linger as a zombie."""
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
@@ -188,7 +238,7 @@ def stop(root: Path, name: str, grace: float = 30) -> None:
     sid = recorded(root).get(name)
     if sid is not None:
         terminate(lambda: session(sid), grace, leader=sid)
-        _reap(sid)
+        reap(sid)
         _record(root, name, None)
 
 

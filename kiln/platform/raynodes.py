@@ -28,13 +28,15 @@ while sum(node["Alive"] for node in ray.nodes()) < int(sys.argv[2]):
 
 
 def temp_dir(root: Path) -> Path:
-    """Ray's session folder for this stack, short enough for Ray's Unix socket paths wherever `root` is."""
+    """The folder of this stack's Ray nodes' temp dirs, short enough for Ray's Unix socket paths wherever `root` is."""
     return Path(tempfile.gettempdir()) / f"kiln-ray-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}"
 
 
 def node_command(root: Path, host: str, ports: dict[str, int], cpus: int, head_address: str | None) -> list[str]:
-    """`ray start --block` for the head (when `head_address` is None, `ports` has its GCS port) or a further node."""
-    flags = {"node-ip-address": host, "num-cpus": cpus, "temp-dir": temp_dir(root),
+    """`ray start --block` for the head (when `head_address` is None, `ports` has its GCS port) or a further node.
+    Each node has a temp dir of its own, named by its raylet's port: a node's log monitor forwards every worker log in
+    its session folder to the drivers, so nodes sharing one would each forward the other's lines too."""
+    flags = {"node-ip-address": host, "num-cpus": cpus, "temp-dir": temp_dir(root) / str(ports["node_manager"]),
              **{f"{name.replace('_', '-')}-port": ports[name] for name in NODE_PORTS}}
     if head_address is None:
         role = ["--head", "--include-dashboard=false"]

@@ -1,11 +1,12 @@
 """Rebuild a registered model version from its lineage, and say stage by stage whether the outputs match the record.
 
 The version's tags name the DVC experiment that produced it (kiln.platform.lineage): the git repository, the ref and
-the commit, whose params.yaml, dvc.lock and reports are the run's record. `reproduce` checks that commit out in a fresh
-workspace, gets the recorded data (from the DVC remote in KILN_DVC_REMOTE, else from the cache of the checkout the
-repository lives in), re-runs each stage up to the registration (those POLICY checks) with `dvc repro --force
---single-item` against a scratch MLflow store, and compares each stage's new outputs with the recorded ones. It then
-puts the recorded outputs back, so the next stage starts from exactly the inputs the original run had.
+the commit (for `dvc exp run`, the ref's commit in that repository), whose params.yaml, dvc.lock and reports are the
+run's record. `reproduce` checks that commit out in a fresh workspace, gets the recorded data (from the cache of the
+checkout the repository lives in, when it is one on this machine, else from the DVC remote in KILN_DVC_REMOTE), re-
+runs each stage up to the registration (those POLICY checks) with `dvc repro --force --single-item` against a
+scratch MLflow store, and compares each stage's new outputs with the recorded ones. It then puts the recorded
+outputs back, so the next stage starts from exactly the inputs the original run had.
 
 The policy, on the same CPU class (POLICY): prepare's data, train's per-epoch metrics, compress's per-variant
 accuracies and evaluate's metrics must be identical; timings (latency, images/s) are measured, not compared. Tune's
@@ -32,7 +33,6 @@ from mlflow.exceptions import MlflowException
 from kiln.core.contract import stages
 from kiln.core.errors import InputError
 from kiln.core.shell import CommandError, run, stream
-from kiln.platform.lineage import EXPERIMENT_TAGS
 
 TIMINGS = re.compile(r"(latency|images_per_s|_ms$)")  # measured figures: never compared
 
@@ -119,14 +119,29 @@ def lineage_of(model_uri: str, client: MlflowClient) -> Lineage:
                    else client.get_model_version_by_alias(name, alias))
     except MlflowException as exc:
         raise InputError(f"{model_uri}: not in the registry at {client.tracking_uri}: {exc.message}") from None
-    missing = [tag for tag in EXPERIMENT_TAGS if not version.tags.get(tag)]
-    if missing:
-        raise InputError(f"{model_uri} (v{version.version}) has no {', '.join(missing)}: it was not registered by a "
-                         f"flow run, so no DVC experiment records it (its commit: "
-                         f"{version.tags.get('kiln.git_commit', 'unknown')})")
     tags = version.tags
-    return Lineage(name, str(version.version), tags["kiln.git_remote"], tags["kiln.experiment_ref"],
-                   tags["kiln.experiment_commit"])
+    what = f"{model_uri} (v{version.version})"
+    if "kiln.experiment" not in tags:
+        raise InputError(f"{what} names no experiment: it was registered by a bare `dvc repro` or a stage command, "
+                         "which record none (`kiln run`, `kiln flow`, a deployment and `dvc exp run` do); its commit "
+                         f"{tags.get('kiln.git_commit', 'unknown')} does not hold its params")
+    if "kiln.experiment_ref" not in tags:
+        raise InputError(f"{what} was registered by the run of experiment {tags['kiln.experiment']}, which ended "
+                         "before saving it (killed, or a failure kiln could not record); nothing records its params")
+    commit = tags.get("kiln.experiment_commit") or _ref_commit(tags["kiln.git_remote"], tags["kiln.experiment_ref"])
+    if not commit:
+        raise InputError(f"{what}: its experiment {tags['kiln.experiment_ref']} is not in {tags['kiln.git_remote']}: "
+                         "the `dvc exp run` that registered it did not finish, or the experiment was removed")
+    return Lineage(name, str(version.version), tags["kiln.git_remote"], tags["kiln.experiment_ref"], commit)
+
+
+def _ref_commit(remote: str, ref: str) -> str | None:
+    """The commit `ref` points at in the git repository `remote`, None if it has no such ref."""
+    try:
+        found = run(["git", "ls-remote", remote, ref]).split()
+    except CommandError:
+        return None
+    return found[0] if found else None
 
 
 def checkout(lineage: Lineage, workspace: Path) -> None:
@@ -138,12 +153,13 @@ def checkout(lineage: Lineage, workspace: Path) -> None:
     except CommandError as exc:
         raise InputError(f"v{lineage.version}'s experiment {lineage.ref} ({lineage.commit[:10]}) cannot be fetched "
                          f"from {lineage.remote}: {exc}") from None
-    if remote := os.environ.get("KILN_DVC_REMOTE"):
-        run(["dvc", "remote", "add", "--local", "--force", "--default", "team", remote], cwd=workspace)
-        get = ["dvc", "pull"]
-    elif (Path(lineage.remote) / ".dvc").is_dir():
+    remote = None
+    if (Path(lineage.remote) / ".dvc").is_dir():  # a checkout on this machine (`kiln run`, `kiln flow`): its cache
         run(["dvc", "cache", "dir", "--local", run(["dvc", "cache", "dir"], cwd=lineage.remote).strip()], cwd=workspace)
         get = ["dvc", "checkout"]
+    elif remote := os.environ.get("KILN_DVC_REMOTE"):
+        run(["dvc", "remote", "add", "--local", "--force", "--default", "team", remote], cwd=workspace)
+        get = ["dvc", "pull"]
     else:
         raise InputError(f"{lineage.remote} is not a local checkout; set KILN_DVC_REMOTE to the DVC remote holding "
                          f"v{lineage.version}'s data")

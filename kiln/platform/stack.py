@@ -4,12 +4,15 @@ Prefect server with the process work pool `kiln-cluster` and a worker, and a Ray
 service listens on the stack's host (127.0.0.1 unless told otherwise) except Ray's own gRPC servers: Ray 2.60 maps a
 loopback node address to the machine's address and its GCS, raylet and worker gRPC servers listen on every interface,
 guarded by the cluster's token authentication (RAY_AUTH_MODE=token). Secrets come from the environment or are
-generated, and are written only to kiln.env.
+generated, and are written only to kiln.env and the services' records. A supervisor (kiln.platform.supervise) restarts
+a crashed service other than a Ray node; `restart` restarts services on purpose.
 
     root/
       kiln.env        what kiln's commands need (KEY=VALUE, mode 0600): `set -a; . kiln.env; set +a`
       stack.json      ports, URLs and data locations, kept so that a restart keeps its URLs and data
       pids.json       the session id of each running service (gone after `down`)
+      services/       NAME.json: the command, environment and directory each service was started with (mode 0600)
+      restarts.json   how many times the supervisor restarted each service since `up`
       logs/NAME.log   each service's output
       s3/ prefect/    SeaweedFS's data, Prefect's home
       worker/         the Prefect worker's working directory (unless `worker_dir` says otherwise)
@@ -32,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln.platform import objectstore, postgres, processes, raynodes, servers
+from kiln.platform import objectstore, postgres, processes, raynodes, servers, supervise
 from kiln.platform.processes import StackError
 
 ENV_FILE = "kiln.env"
@@ -70,6 +73,7 @@ class ServiceStatus:
     processes: int     # live processes in its session
     rss: int           # their resident memory, bytes
     healthy: bool
+    restarts: int      # by the supervisor, after a crash, since `up`
 
 
 def read_env(path: Path) -> dict[str, str]:
@@ -175,6 +179,7 @@ def up(settings: StackSettings) -> Stack:
     if any(processes.session(pid) for pid in processes.recorded(root).values()):
         raise StackError(f"a stack is already running in {root}: `kiln cluster down --root {root}` first")
     (root / processes.PIDS).unlink(missing_ok=True)
+    (root / supervise.COUNTS).unlink(missing_ok=True)
     state, previous = _state(root), read_env(root / ENV_FILE)
     host = settings.host
     ports = _ports(host, state.get("ports", {}), settings.ray_nodes)
@@ -205,6 +210,7 @@ def _start(root: Path, host: str, ports: dict[str, dict[str, int]], env: dict[st
 
     postgres.initialise(data, password)
     postgres.start(root, data, host, ports["postgres"]["port"])
+    processes.leaves_behind(root, "postgres", data / "postmaster.pid")  # a killed server's lock
     processes.spawn(root, "s3", objectstore.command(root / "s3", host, ports["s3"]), {**base, **s3_env}, root / "s3")
     processes.wait_for(root, "postgres", lambda: postgres.ready(database, data), f"accepting connections at {host}")
     postgres.create_databases(database)
@@ -237,30 +243,59 @@ def _start(root: Path, host: str, ports: dict[str, dict[str, int]], env: dict[st
     raynodes.wait_for_nodes(env["RAY_ADDRESS"], ray_nodes, {**ray_env, "RAY_ADDRESS": env["RAY_ADDRESS"]})
     processes.wait_for(root, "prefect-worker", lambda: worker in servers.online_workers(api),
                        f"online in the work pool {servers.WORK_POOL}")
+    processes.spawn(root, supervise.NAME, supervise.command(root), base, root)
+
+
+def _stop(root: Path, name: str, state: dict) -> None:
+    """Stop one service: PostgreSQL with `pg_ctl stop` first (a SIGTERM would wait for its clients to leave)."""
+    if name == "postgres" and state.get("postgres_dir"):
+        try:
+            postgres.stop(Path(state["postgres_dir"]))
+        except StackError as exc:
+            log.warning("%s; stopping its processes", exc)
+    processes.stop(root, name)
 
 
 def down(root: Path, purge: bool = False) -> None:
-    """Stop everything `up` started in `root` (each service's session, PostgreSQL with `pg_ctl stop`, then any
-    process still carrying the stack's marker); idempotent. With `purge`, also delete its data, state and kiln.env
-    (its databases, buckets and Ray's session files), keeping only root/logs."""
+    """Stop everything `up` started in `root` (the supervisor first, each service's session, PostgreSQL with `pg_ctl
+    stop`, then any process still carrying the stack's marker); idempotent. With `purge`, also delete its data, state
+    and kiln.env (its databases, buckets and Ray's session files), keeping only root/logs."""
     root = root.resolve()
     state = _state(root)
-    names = list(processes.recorded(root))
-    for name in reversed(names):
-        if name == "postgres" and state.get("postgres_dir"):
-            try:
-                postgres.stop(Path(state["postgres_dir"]))
-            except StackError as exc:
-                log.warning("%s; stopping its processes", exc)
-        processes.stop(root, name)
-    processes.sweep(root)
-    if purge and root.is_dir():
-        data = [Path(state[key]) for key in ("postgres_dir", "ray_temp_dir") if state.get(key)]
-        for path in [*data, *(entry for entry in root.iterdir() if entry.name != "logs")]:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
+    with supervise.held(root):
+        processes.stop(root, supervise.NAME)
+        for name in reversed(processes.recorded(root)):
+            _stop(root, name, state)
+        processes.sweep(root)
+        if purge and root.is_dir():
+            data = [Path(state[key]) for key in ("postgres_dir", "ray_temp_dir") if state.get(key)]
+            for path in [*data, *(entry for entry in root.iterdir() if entry.name != "logs")]:
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+
+def restart(root: Path, names: list[str] | None = None) -> list[str]:
+    """Restart the named services (all that the supervisor watches when none are named), each with the command and
+    environment it was first started with, one after another in start order, each healthy before the next; the
+    names restarted. The supervisor leaves them alone meanwhile."""
+    root = root.resolve()
+    running = [name for name in processes.recorded(root) if name in supervise.SUPERVISED]
+    if not running:
+        raise StackError(f"no stack runs in {root}")
+    if unknown := sorted(set(names or ()) - set(running)):
+        raise StackError(f"{', '.join(unknown)}: not a running service of the stack in {root}; restart one of "
+                         f"{', '.join(running)}")
+    chosen = [name for name in running if not names or name in names]
+    state, checks = _state(root), _checks(root)
+    with supervise.held(root):
+        for name in reversed(chosen):
+            _stop(root, name, state)
+        for name in chosen:
+            processes.respawn(root, name)
+            processes.wait_for(root, name, checks[name], "its health check")
+    return chosen
 
 
 def _checks(root: Path) -> dict[str, Callable[[], bool]]:
@@ -272,7 +307,8 @@ def _checks(root: Path) -> dict[str, Callable[[], bool]]:
               "mlflow": lambda: servers.mlflow_ready(urls["mlflow"]),
               "prefect-server": lambda: servers.prefect_ready(f"{urls['prefect']}/api"),
               "prefect-worker": lambda: bool(servers.online_workers(f"{urls['prefect']}/api")),
-              "ray-head": lambda: processes.listening(host, ports["ray-head"]["gcs"])}
+              "ray-head": lambda: processes.listening(host, ports["ray-head"]["gcs"]),
+              supervise.NAME: lambda: True}  # alive is healthy
     for name in ports:
         if name.startswith("ray-node-"):
             checks[name] = lambda port=ports[name]["node_manager"]: processes.listening(host, port)
@@ -280,14 +316,15 @@ def _checks(root: Path) -> dict[str, Callable[[], bool]]:
 
 
 def status(root: Path) -> list[ServiceStatus]:
-    """What runs of the stack in `root`: each recorded service's processes, memory and health."""
+    """What runs of the stack in `root`: each recorded service's processes, memory, health and restarts."""
     root = root.resolve()
     checks = _checks(root) if (root / STATE_FILE).is_file() else {}
+    counts = supervise.restarts(root)
     report = []
     for name, sid in processes.recorded(root).items():
         members = processes.session(sid)
         healthy = bool(members) and name in checks and checks[name]()
-        report.append(ServiceStatus(name, sid, len(members), processes.rss(members), healthy))
+        report.append(ServiceStatus(name, sid, len(members), processes.rss(members), healthy, counts.get(name, 0)))
     return report
 
 

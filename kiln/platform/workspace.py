@@ -3,22 +3,24 @@
 A run never edits the checkout it starts from. `clone_workspace` makes a git clone of it (its HEAD, plus its
 uncommitted changes to tracked files, as `dvc exp run --temp` does) that shares its DVC cache, so a stage whose inputs
 DVC has seen before is restored from the run-cache instead of run. `save_experiment` commits the run's params,
-dvc.lock and reports as a DVC experiment, and `push_experiment` sends the git ref to the origin repository (and the
-outputs and run-cache to the DVC remote, unless the cache is shared): `dvc exp show` lists it, `dvc exp apply NAME`
-brings it into a checkout.
+dvc.lock and reports as a DVC experiment (what finished, when a stage failed), and `push_experiment` sends the git
+ref to the origin repository (and the outputs and run-cache to the DVC remote, unless the cache is shared): `dvc exp
+show` lists it, `dvc exp apply NAME` brings it into a checkout.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
 
 from kiln.core.contract import stages
 from kiln.core.errors import InputError
-from kiln.core.shell import run
+from kiln.core.shell import CommandError, run
 
 
 @dataclass(frozen=True)
@@ -27,7 +29,7 @@ class Experiment:
     ref: str  # refs/exps/...: fetch it from `remote` to get the run's commit
     commit: str  # the experiment commit: code, params.yaml, dvc.lock and the reports of the run
     baseline: str  # the commit the run started from
-    remote: str  # the git repository the ref was pushed to
+    remote: str  # the git repository holding the ref: the workspace, or `origin` once pushed
 
 
 def clone_workspace(source: Path, workspace: Path) -> Path:
@@ -62,29 +64,49 @@ def require_tracked_data(workspace: Path) -> None:
 
 
 def files_to_record(workspace: Path) -> list[str]:
-    """Untracked files an experiment commit must hold: the metrics and plots git keeps (`cache: false`) and the
-    .gitignore files DVC writes beside cached outputs."""
+    """Untracked files an experiment commit must hold: dvc.lock, the metrics and plots git keeps (`cache: false`)
+    and the .gitignore files DVC writes beside cached outputs, those that exist."""
     declared = [path for stage in stages(workspace).values() for path in stage.outs]
-    candidates = {str(path) for path in declared} | {str(path.parent / ".gitignore") for path in declared}
+    candidates = {"dvc.lock", *map(str, declared), *(str(path.parent / ".gitignore") for path in declared)}
     untracked = set(run(["git", "ls-files", "--others", "--exclude-standard"], cwd=workspace).split())
     return sorted(candidates & untracked)
 
 
+def commit_finished(workspace: Path) -> None:
+    """`dvc commit` each stage dvc.lock records, as `dvc exp save` does for all of them (which also saves each one's
+    run-cache entry); a stage whose outputs are gone (it failed this time) stays as the lock has it."""
+    lock = workspace / "dvc.lock"
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else ():
+        try:
+            run(["dvc", "commit", "--force", "--quiet", stage], cwd=workspace)
+        except CommandError:
+            continue
+
+
 def save_experiment(workspace: Path, name: str) -> Experiment:
-    """Commit the workspace (params, dvc.lock, reports) as the DVC experiment `name`."""
-    record = [f"--include-untracked={path}" for path in files_to_record(workspace)]
-    run(["dvc", "exp", "save", "--force", "--name", name, *record], cwd=workspace)
+    """Commit the workspace as it is (code, params, dvc.lock and the reports of the stages that finished, even if a
+    later one failed) as the DVC experiment `name`: the commit `dvc exp save` makes, which refuses a run with a
+    missing output. HEAD, the index and the files stay as they were."""
+    commit_finished(workspace)
     baseline = run(["git", "rev-parse", "HEAD"], cwd=workspace).strip()
-    ref = run(["git", "for-each-ref", "--format=%(refname)", f"refs/exps/*/*/{name}"], cwd=workspace).split()
-    if len(ref) != 1:
-        raise RuntimeError(f"`dvc exp save --name {name}` left {len(ref)} refs named {name} in {workspace}")
-    commit = run(["git", "rev-parse", ref[0]], cwd=workspace).strip()
-    remote = run(["git", "remote", "get-url", "origin"], cwd=workspace).strip()
-    return Experiment(name, ref[0], commit, baseline, remote)
+    ref = f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
+    identity = [] if run(["git", "config", "user.email"], cwd=workspace, ok_codes=(0, 1)).strip() else [
+        "-c", "user.name=kiln", "-c", "user.email=kiln@localhost"]
+    with tempfile.TemporaryDirectory(prefix="kiln-index-") as folder:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(folder) / "index")}
+        run(["git", "read-tree", "HEAD"], cwd=workspace, env=env)
+        run(["git", "add", "--update"], cwd=workspace, env=env)
+        run(["git", "add", "--force", "--", *files_to_record(workspace)], cwd=workspace, env=env)
+        tree = run(["git", "write-tree"], cwd=workspace, env=env).strip()
+    commit = run(["git", *identity, "commit-tree", tree, "-p", baseline, "-m", f"kiln: experiment {name}"],
+                 cwd=workspace).strip()
+    run(["git", "update-ref", ref, commit], cwd=workspace)
+    return Experiment(name, ref, commit, baseline, str(workspace.resolve()))
 
 
-def push_experiment(workspace: Path, experiment: Experiment, with_data: bool) -> None:
+def push_experiment(workspace: Path, experiment: Experiment, with_data: bool) -> Experiment:
     """Push the experiment's ref to `origin`; with `with_data`, also its outputs and the run-cache to the default DVC
-    remote (not needed when the workspace shares the origin checkout's cache)."""
+    remote (not needed when the workspace shares the origin checkout's cache). Returns it as found in `origin`."""
     data = ["--run-cache"] if with_data else ["--no-cache"]
     run(["dvc", "exp", "push", *data, "origin", experiment.name], cwd=workspace)
+    return replace(experiment, remote=run(["git", "remote", "get-url", "origin"], cwd=workspace).strip())
