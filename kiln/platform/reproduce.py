@@ -3,8 +3,8 @@
 The version's tags name the DVC experiment that produced it (kiln.platform.lineage): the git repository, the ref and
 the commit (for `dvc exp run`, the ref's commit in that repository), whose params.yaml, dvc.lock and reports are the
 run's record. `reproduce` checks that commit out in a fresh workspace, gets the recorded data (from the cache of the
-checkout the repository lives in, when it is one on this machine, else from the DVC remote in KILN_DVC_REMOTE), re-
-runs each stage up to the registration (those POLICY checks) with `dvc repro --force --single-item` against a
+checkout the repository lives in, when it is one on this machine, else from the DVC remote in KILN_DVC_REMOTE),
+re-runs each stage up to the registration (those POLICY checks) with `dvc repro --force --single-item` against a
 scratch MLflow store, and compares each stage's new outputs with the recorded ones. It then puts the recorded
 outputs back, so the next stage starts from exactly the inputs the original run had.
 
