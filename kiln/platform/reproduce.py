@@ -145,7 +145,8 @@ def _ref_commit(remote: str, ref: str) -> str | None:
 
 
 def checkout(lineage: Lineage, workspace: Path) -> None:
-    """Clone the experiment's commit into `workspace` and get its recorded data and outputs."""
+    """Clone the experiment's commit into `workspace` and get the recorded data and outputs of the stages POLICY
+    checks (a run that failed after them recorded none of the later ones)."""
     try:
         run(["git", "clone", "--quiet", "--no-checkout", lineage.remote, str(workspace)])
         run(["git", "fetch", "--quiet", "origin", f"{lineage.ref}:{lineage.ref}"], cwd=workspace)
@@ -164,7 +165,7 @@ def checkout(lineage: Lineage, workspace: Path) -> None:
         raise InputError(f"{lineage.remote} is not a local checkout; set KILN_DVC_REMOTE to the DVC remote holding "
                          f"v{lineage.version}'s data")
     try:
-        run(get, cwd=workspace)
+        run([*get, "--with-deps", list(POLICY)[-1]], cwd=workspace)  # what the checked stages had; no later stage's
     except CommandError as exc:
         raise InputError(f"v{lineage.version}'s recorded data is missing from the DVC "
                          f"{'remote ' + remote if remote else 'cache'}: {exc}") from None
