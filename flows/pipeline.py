@@ -72,7 +72,7 @@ def open_workspace(mode: str, source: Path) -> Path:
 def record(workspace: Path, name: str, shared_cache: bool) -> Experiment:
     """Save and push the run (what finished of it) as a DVC experiment; tag the model versions it registered."""
     experiment = push_experiment(workspace, save_experiment(workspace, name), with_data=not shared_cache)
-    versions = ", ".join(f"{model} v{version}" for model, version in record_experiment(workspace, experiment))
+    versions = ", ".join(record_experiment(workspace, experiment))
     get_run_logger().info(f"experiment {name}: {experiment.ref} ({experiment.commit[:10]}) pushed to "
                           f"{experiment.remote}, recorded on {versions or 'no version'}; `dvc exp apply {name}` brings "
                           "it into a checkout")

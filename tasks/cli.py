@@ -46,8 +46,7 @@ def record_local(name: str) -> None:
     if registered_by(Path.cwd(), name):
         experiment = save_experiment(Path.cwd(), name)
         versions = record_experiment(Path.cwd(), experiment)
-        print(f"lineage: experiment {name} ({experiment.commit[:10]}) recorded on "
-              f"{', '.join(f'{model} v{version}' for model, version in versions)}")
+        print(f"lineage: experiment {name} ({experiment.commit[:10]}) recorded on {', '.join(versions)}")
 
 
 @app.command("summary", rich_help_panel=PIPELINE)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from kiln.core.contract import stages
@@ -22,8 +23,8 @@ EXPERIMENT_TAGS = ("kiln.experiment", "kiln.experiment_ref", "kiln.experiment_co
 REGISTERING_STAGES = ("evaluate", "finetune")  # the stages whose registration.json names a version
 
 
-def registered_by(workspace: Path, name: str) -> list[tuple[str, str]]:
-    """(model, version) of each version the run named `name` registered in `workspace`."""
+def registered_by(workspace: Path, name: str) -> list[ModelVersion]:
+    """The versions the run named `name` registered in `workspace`."""
     client, found = MlflowClient(tracking_uri()), []
     for stage in REGISTERING_STAGES:
         path = workspace / stages(workspace)[stage].output("registration.json")
@@ -31,27 +32,26 @@ def registered_by(workspace: Path, name: str) -> list[tuple[str, str]]:
             registration = json.loads(path.read_text())
             model, version = registration["registered_model"], str(registration["version"])
             try:
-                tags = client.get_model_version(model, version).tags
+                registered = client.get_model_version(model, version)
             except MlflowException:  # a registration of another store's: not this run's
                 continue
-            if tags.get("kiln.experiment") == name:
-                found.append((model, version))
+            if registered.tags.get("kiln.experiment") == name:
+                found.append(registered)
     return found
 
 
-def record_experiment(workspace: Path, experiment: Experiment) -> list[tuple[str, str]]:
+def record_experiment(workspace: Path, experiment: Experiment) -> list[str]:
     """Tag each version the experiment's run registered, and the version's run, with the experiment (its commit as
     `kiln.git_commit` too), and log the run's params.yaml and dvc.lock to that run under `lineage/`; returns the
-    (model, version) pairs."""
+    versions as `NAME vN`."""
     client = MlflowClient(tracking_uri())
     tags = {**dict(zip(EXPERIMENT_TAGS, (experiment.name, experiment.ref, experiment.commit, experiment.remote),
                        strict=True)), "kiln.git_commit": experiment.commit}
     versions = registered_by(workspace, experiment.name)
-    for model, version in versions:
-        run_id = client.get_model_version(model, version).run_id
+    for version in versions:
         for key, value in tags.items():
-            client.set_model_version_tag(model, version, key, value)
-            client.set_tag(run_id, key, value)
+            client.set_model_version_tag(version.name, version.version, key, value)
+            client.set_tag(version.run_id, key, value)
         for file in ("params.yaml", "dvc.lock"):
-            client.log_artifact(run_id, str(workspace / file), "lineage")
-    return versions
+            client.log_artifact(version.run_id, str(workspace / file), "lineage")
+    return [f"{version.name} v{version.version}" for version in versions]

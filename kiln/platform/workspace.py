@@ -20,7 +20,7 @@ import yaml
 
 from kiln.core.contract import stages
 from kiln.core.errors import InputError
-from kiln.core.shell import CommandError, run
+from kiln.core.shell import run
 
 
 @dataclass(frozen=True)
@@ -73,14 +73,15 @@ def files_to_record(workspace: Path) -> list[str]:
 
 
 def commit_finished(workspace: Path) -> None:
-    """`dvc commit` each stage dvc.lock records, as `dvc exp save` does for all of them (which also saves each one's
-    run-cache entry); a stage whose outputs are gone (it failed this time) stays as the lock has it."""
+    """`dvc commit` the stages dvc.lock records whose outputs are all there, as `dvc exp save` does for every stage
+    (which also saves each one's run-cache entry); a stage whose outputs are gone (it failed this time) stays as the
+    lock has it."""
     lock = workspace / "dvc.lock"
-    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else ():
-        try:
-            run(["dvc", "commit", "--force", "--quiet", stage], cwd=workspace)
-        except CommandError:
-            continue
+    recorded = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
+    finished = [stage for stage, entry in recorded.items()
+                if all((workspace / out["path"]).exists() for out in entry.get("outs", []))]
+    if finished:
+        run(["dvc", "commit", "--force", "--quiet", *finished], cwd=workspace)
 
 
 def save_experiment(workspace: Path, name: str) -> Experiment:
