@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -11,8 +12,10 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
+from kiln.core.errors import InputError
 from kiln.evaluate.registry import PREDICTIONS, Gate, GateError, predictions_record, promote
 from kiln.evaluate.stats import mcnemar_exact
+from kiln.platform.reproduce import lineage_of
 
 LABELS = np.arange(100) % 10
 IMAGES = np.zeros((100, 1, 2, 2), np.uint8)
@@ -170,3 +173,20 @@ def test_two_promotions_at_once_end_where_the_decisions_say(client: MlflowClient
     assert first.champion_version == "1" and first.promoted
     assert second.champion_version == first.version, "the second promotion was judged against a stale champion"
     assert aliases(client)["challenger"] == second.version
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize(("tags", "expected"), [
+    ({}, r"names no experiment: it was registered by a bare `dvc repro` or a stage command"),
+    ({"kiln.experiment": "run-1"}, r"registered by the run of experiment run-1, which ended before saving it"),
+    ({"kiln.experiment": "run-1", "kiln.experiment_ref": "refs/exps/ab/cdef/run-1", "kiln.git_remote": "{repo}"},
+     r"its experiment refs/exps/ab/cdef/run-1 is not in .*repo: the `dvc exp run` that registered it did not finish"),
+], ids=["no experiment", "experiment never saved", "ref not in the repository"])
+def test_reproduce_names_what_a_version_lacks_before_any_work(client: MlflowClient, tmp_path: Path,
+                                                               tags: dict[str, str], expected: str) -> None:
+    subprocess.run(["git", "init", "-q", str(tmp_path / "repo")], check=True)
+    version = new_version(client, range(0))
+    for key, value in tags.items():
+        client.set_model_version_tag("m", version, key, value.format(repo=tmp_path / "repo"))
+    with pytest.raises(InputError, match=expected):
+        lineage_of(f"models:/m/{version}", client)
