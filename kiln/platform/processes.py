@@ -90,7 +90,7 @@ def log_path(root: Path, name: str) -> Path:
 
 def _keep_spec(root: Path, name: str, spec: dict) -> None:
     folder = root / SPECS
-    folder.mkdir(mode=0o700, exist_ok=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     descriptor = os.open(folder / f"{name}.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(descriptor, 0o600)
     with os.fdopen(descriptor, "w") as handle:
