@@ -3,16 +3,20 @@ of the repo on tiny params."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,8 +31,8 @@ from kiln.core.contract import stages
 from kiln.core.models import build_model
 from kiln.core.params import apply_overrides, validate_params
 from kiln.core.tracking import ARTIFACTS, STORE
-from kiln.platform import objectstore
-from kiln.platform.stack import Stack, StackSettings, down, up
+from kiln.platform import objectstore, processes, supervise
+from kiln.platform.stack import Stack, StackSettings, down, status, up
 from tasks import prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -244,6 +248,18 @@ def printed(log: Path, text: str, process: subprocess.Popen, seconds: float = 30
           every=0.2)
 
 
+RAY_FORWARDED = re.compile(r"\((?:\w+ )?pid=\d+[^)]*\) ")  # the prefix of a line Ray forwards from a worker
+
+
+def screen_noise(output: str) -> list[str]:
+    """What a healthy run should not print: a line Ray forwarded more than once (compared from its Ray prefix on, so
+    log timestamps before it do not hide a repeat), and DVC's warnings about hashes a pull expects to miss."""
+    lines = output.splitlines()
+    forwarded = Counter(line[found.start():] for line in lines if (found := RAY_FORWARDED.search(line)))
+    return ([f"{count} times: {line}" for line, count in forwarded.items() if count > 1]
+            + [line for line in lines if "No file hash info" in line])
+
+
 def output_tail(process: subprocess.Popen, size: int = 4000) -> str:
     """The end of what `process` printed to its stdout pipe; it is stopped first if it still runs."""
     if process.poll() is None:
@@ -386,3 +402,31 @@ def reproduced(tiny_repo: Path) -> Path:
     for stage in STAGES:
         assert f"Running stage '{stage}'" in result.stdout
     return tiny_repo
+
+
+def kill(stack: Stack, name: str) -> int:
+    """SIGKILL every process of the service `name`'s session, as a crash would; its session id."""
+    sid = processes.recorded(stack.root)[name]
+    for pid in processes.session(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return sid
+
+
+def restarts(stack: Stack, name: str) -> int:
+    return next(service.restarts for service in status(stack.root) if service.name == name)
+
+
+def restarted(stack: Stack, name: str, previous: int, ready: Callable[[], bool]) -> int:
+    """Wait (30 s at most) until `name` runs in a session other than `previous` and `ready` holds; the new session
+    id, whose environment is the recorded one."""
+    def back() -> int | None:
+        sid = processes.recorded(stack.root).get(name)
+        return sid if sid != previous and processes.leads(sid) and ready() else None
+
+    sid = until(back, 30, lambda: f"{name} is not back after 30 s; the supervisor's log:\n"
+                                  f"{processes.tail(processes.log_path(stack.root, supervise.NAME))}")
+    spec = json.loads((stack.root / processes.SPECS / f"{name}.json").read_text())
+    environ = dict(line.split("=", 1) for line in Path(f"/proc/{sid}/environ").read_text().split("\0") if line)
+    assert environ == {**spec["env"], processes.MARKER: str(stack.root)}, "restarted with the recorded environment"
+    return sid

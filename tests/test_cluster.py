@@ -1,9 +1,9 @@
 """The cluster path end to end, on the session's real service stack (Postgres, SeaweedFS S3, MLflow and Prefect
-servers, a Prefect worker, two Ray nodes): `prefect deployment run 'kiln/cluster'` through a worker whose working
-directory is not a repository; the run clones the team's repository, pulls its data from the S3 remote, records a DVC
-experiment and pushes it back; another machine (a fresh clone) gets the exact models and predicts with the champion
-through the MLflow server; a second run that fails after promoting its version still records its experiment, and
-that champion rebuilds from its lineage."""
+servers, a Prefect worker, two Ray nodes), through the README's cluster blocks run as written: `prefect deployment run
+'kiln/cluster'` through a worker whose working directory is not a repository; the run clones the team's repository,
+pulls its data from the S3 remote, records a DVC experiment and pushes it back; another machine (a fresh clone) gets
+the exact models and predicts with the champion through the MLflow server; a second run that fails after promoting
+its version still records its experiment, and that champion rebuilds from its lineage."""
 
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ import yaml
 from mlflow import MlflowClient
 from sklearn.datasets import load_digits
 
-from tests.conftest import BIN, LEAN_PARAMS, bucket_keys, copy_repo, pg_query, repo_env, run
+from kiln.platform import processes
+from tests.conftest import BIN, LEAN_PARAMS, bucket_keys, copy_repo, pg_query, repo_env, run, screen_noise
+from tests.test_readme import readme_block, run_block
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.timeout(2400)]
-EPOCHS = 3
+EPOCHS = 3  # the README's cluster block's override
 
 
 def sh(command: str, cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
@@ -33,36 +35,38 @@ def sh(command: str, cwd: Path, env: dict[str, str], timeout: int = 600) -> str:
 
 @pytest.fixture(scope="module")
 def deployed_run(stack, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The team's repository (a bare git repo whose raw data is in the S3 remote), the `cluster` deployment, and one
-    flow run of it on tiny params with a train.epochs override, watched to its end."""
+    """The README's `cluster` block, run as written in a copy of the repository on LEAN_PARAMS whose `.kiln/cluster` is
+    the session's stack (what `kiln cluster up` starts; the command itself is test_stack's): the team's bare
+    repository, the raw data in the S3 remote, the `cluster` deployment and one flow run of it, watched to its end."""
     root = tmp_path_factory.mktemp("team")
-    env = {**repo_env(), **stack.env, "KILN_GIT_URL": f"file://{root / 'kiln.git'}"}
     source = copy_repo(root / "source", LEAN_PARAMS)
-    sh(f"git clone --quiet --bare {source} {root / 'kiln.git'}", root, env)
-    sh(f"dvc remote add --local --default team {env['KILN_DVC_REMOTE']}", source, env)
-    sh("dvc push data/raw/fashion-mnist.dvc", source, env)  # what a team does once with its raw data
-    sh("prefect --no-prompt deploy --name cluster", source, env)
-    watched = subprocess.run(
-        [str(BIN / "prefect"), "deployment", "run", "kiln/cluster", "--param",
-         f"overrides={json.dumps({'train.epochs': EPOCHS})}", "--watch", "--watch-interval", "1", "--watch-timeout",
-         "1800"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=1900)
-    worker_log = (stack.root / "logs" / "prefect-worker.log")
-    assert "Completed" in watched.stdout, (watched.stdout[-4000:] + watched.stderr[-4000:]
-                                           + (worker_log.read_text()[-12000:] if worker_log.is_file() else ""))
-    refs = sh(f"git ls-remote {root / 'kiln.git'} 'refs/exps/*'", root, env).split()
+    (source / ".kiln").mkdir()
+    (source / ".kiln" / "cluster").symlink_to(stack.root)
+    try:
+        output = run_block(readme_block("cluster"), source, repo_env(), root / "cluster-block", timeout=1900)
+    except AssertionError as failed:
+        worker_log = stack.root / "logs" / "prefect-worker.log"
+        raise AssertionError(f"{failed}\nthe worker's log:\n{processes.tail(worker_log, 150)}") from None
+    assert "Flow run finished successfully in 'Completed'" in output, output[-4000:]
+    git_url = source / ".kiln" / "team.git"
+    env = {**repo_env(), **stack.env, "KILN_GIT_URL": str(git_url)}
+    refs = sh(f"git ls-remote {git_url} 'refs/exps/*'", root, env).split()
     assert len(refs) == 2, f"one experiment pushed back to the repository: {refs}"
-    return {"root": root, "env": env, "commit": refs[0], "ref": refs[1], "name": refs[1].rsplit("/", 1)[-1],
-            "client": MlflowClient(stack.env["MLFLOW_TRACKING_URI"])}
+    return {"source": source, "git": git_url, "env": env, "commit": refs[0], "ref": refs[1],
+            "name": refs[1].rsplit("/", 1)[-1], "client": MlflowClient(stack.env["MLFLOW_TRACKING_URI"])}
 
 
 def test_the_run_records_an_experiment_in_git(deployed_run: dict) -> None:
-    root, env, commit = deployed_run["root"], deployed_run["env"], deployed_run["commit"]
-    params = yaml.safe_load(sh(f"git --git-dir {root / 'kiln.git'} show {commit}:params.yaml", root, env))
+    git, env, commit = deployed_run["git"], deployed_run["env"], deployed_run["commit"]
+    params = yaml.safe_load(sh(f"git --git-dir {git} show {commit}:params.yaml", git, env))
     assert params["train"]["epochs"] == EPOCHS
     assert params["train"]["storage_path"] == env["KILN_STORAGE_PATH"]
-    lock = yaml.safe_load(sh(f"git --git-dir {root / 'kiln.git'} show {commit}:dvc.lock", root, env))
+    lock = yaml.safe_load(sh(f"git --git-dir {git} show {commit}:dvc.lock", git, env))
     assert {"prepare", "tune", "train", "compress", "evaluate"} <= set(lock["stages"])
+
+
+def test_the_flow_run_prints_each_ray_line_once_and_no_expected_warnings(deployed_run: dict, stack) -> None:
+    assert screen_noise((stack.root / "logs" / "prefect-worker.log").read_text()) == []
 
 
 def test_every_engine_holds_its_part(deployed_run: dict, stack) -> None:
@@ -87,11 +91,11 @@ def test_every_engine_holds_its_part(deployed_run: dict, stack) -> None:
 
 
 def test_another_machine_gets_the_exact_models_and_predicts(deployed_run: dict, tmp_path: Path) -> None:
-    root, env, name = deployed_run["root"], deployed_run["env"], deployed_run["name"]
-    clone = tmp_path / "elsewhere"
-    sh(f"git clone --quiet {root / 'kiln.git'} {clone}", tmp_path, env)
-    sh(f"dvc remote add --local --default team {env['KILN_DVC_REMOTE']}", clone, env)
-    sh(f"dvc exp pull origin {name}", clone, env)
+    """The README's `cluster-clone` block, as written, then the experiment applied and its champion used."""
+    env, name = deployed_run["env"], deployed_run["name"]
+    output = run_block(readme_block("cluster-clone"), tmp_path, env, tmp_path / "clone-block", timeout=300)
+    assert name in output, f"dvc exp show lists the pulled experiment:\n{output[-4000:]}"
+    clone = tmp_path / "kiln-team"
     sh(f"dvc exp apply {name}", clone, env)
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
     recorded = next(out["md5"] for out in lock["stages"]["compress"]["outs"] if out["path"] == "models/deployable.onnx")
@@ -107,32 +111,35 @@ def test_another_machine_gets_the_exact_models_and_predicts(deployed_run: dict, 
     assert rows[0] == "item,predicted,confidence" and len(rows) == 9
 
 
-def test_a_run_failing_after_its_promotion_still_records_the_champions_lineage(deployed_run: dict) -> None:
+def test_a_run_failing_after_its_promotion_still_records_the_champions_lineage(deployed_run: dict, stack) -> None:
     """The alias `champion` is removed first, as a new registry entry has none, so the run's version is promoted;
     `finetune.base` names a version that does not exist, so the run fails at finetune, after evaluate. Only evaluate
     runs again (`finetune.base` is one of its params); the rest comes from the run-cache the first run pushed."""
-    client, root, env = deployed_run["client"], deployed_run["root"], deployed_run["env"]
+    client, git, env = deployed_run["client"], deployed_run["git"], deployed_run["env"]
     client.delete_registered_model_alias("kiln", "champion")
     watched = subprocess.run(
         [str(BIN / "prefect"), "deployment", "run", "kiln/cluster", "--param",
          f"overrides={json.dumps({'train.epochs': EPOCHS, 'finetune.base': '99'})}", "--watch", "--watch-interval",
-         "1", "--watch-timeout", "900"], cwd=root, env=env, capture_output=True, text=True, timeout=1000)
+         "1", "--watch-timeout", "900"], cwd=deployed_run["source"], env=env, capture_output=True, text=True,
+        timeout=1000)
     assert "'Failed'" in watched.stdout, watched.stdout[-4000:] + watched.stderr[-4000:]
+    worker_log = (stack.root / "logs" / "prefect-worker.log").read_text()
+    assert [worker_log.count(f"Running stage '{stage}'") for stage in ("tune", "train", "evaluate")] == [1, 1, 2], \
+        "the second run restores tune and train from the run-cache the first one pushed, outputs and all"
     champion = client.get_model_version_by_alias("kiln", "champion")
     assert str(champion.version) == "2", "the failed run's version was promoted"
     tags = champion.tags
-    refs = dict(line.split()[::-1] for line in sh(f"git ls-remote {root / 'kiln.git'} 'refs/exps/*'", root,
-                                                  env).splitlines())
+    refs = dict(line.split()[::-1] for line in sh(f"git ls-remote {git} 'refs/exps/*'", git, env).splitlines())
     assert refs[tags["kiln.experiment_ref"]] == tags["kiln.experiment_commit"] == tags["kiln.git_commit"]
-    lock = yaml.safe_load(sh(f"git --git-dir {root / 'kiln.git'} show {tags['kiln.git_commit']}:dvc.lock", root, env))
+    lock = yaml.safe_load(sh(f"git --git-dir {git} show {tags['kiln.git_commit']}:dvc.lock", git, env))
     assert "evaluate" in lock["stages"] and "finetune" not in lock["stages"], "what finished, and only that"
 
 
 def test_the_champion_rebuilds_from_its_lineage(deployed_run: dict, tmp_path: Path) -> None:
-    """The failed run's champion (the test before): its experiment's commit, data from the S3 remote, every stage."""
-    env = deployed_run["env"]
-    output = sh(f"{BIN / 'kiln'} reproduce models:/kiln@champion --workdir {tmp_path / 'rebuild'}", tmp_path, env,
-                timeout=1800)
+    """The README's `reproduce` block, as written, on the failed run's champion (the test before): its experiment's
+    commit, data from the S3 remote, every stage."""
+    env = {**deployed_run["env"], "TMPDIR": str(tmp_path)}  # the rebuild's temporary workspace
+    output = run_block(readme_block("reproduce"), tmp_path, env, tmp_path / "reproduce-block", timeout=1800)
     assert "reproduce: kiln v2 " in output
     verdicts = dict(re.findall(r"^  (prepare|tune|train|compress|evaluate) +(\S+)", output, re.M))
     assert verdicts == {"prepare": "identical", "tune": verdicts["tune"], "train": "identical",

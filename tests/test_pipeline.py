@@ -11,7 +11,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from tests.conftest import BIN, LEAN_OVERRIDES, STAGES, TINY_PARAMS, repo_env, run
+from tests.conftest import BIN, LEAN_OVERRIDES, STAGES, TINY_PARAMS, repo_env, run, screen_noise
 
 pytestmark = pytest.mark.slow
 TINY_EPOCHS = TINY_PARAMS["train"]["epochs"]
@@ -68,6 +68,17 @@ def test_the_run_ends_with_a_one_screen_summary(reproduced: Path) -> None:
     assert len(columns) <= 32, f"dvc metrics show stays readable: {len(columns)} columns"
     plots = json.loads(run(["dvc", "plots", "show", "--json"], cwd=reproduced).stdout)["data"]
     assert plots and all(len(rendered) == 1 for rendered in plots.values()), "dvc plots show draws each plot once"
+
+
+def test_screen_noise_finds_a_line_ray_forwarded_twice_and_hash_warnings() -> None:
+    twice = "(RayTrainWorker pid=7, ip=127.0.0.1) train: epoch 1/6"
+    output = f"12:00:01 | {twice}\n12:00:02 | {twice}\n(pid=8) other\nWARNING: No file hash info found for 'x'\n"
+    assert screen_noise(output) == [f"2 times: {twice}", "WARNING: No file hash info found for 'x'"]
+    assert screen_noise("(pid=8) once\n(pid=9) once\n") == []
+
+
+def test_the_run_prints_each_ray_line_once_and_no_expected_warnings(reproduced: Path) -> None:
+    assert screen_noise((reproduced.parent / "kiln-run.log").read_text()) == []
 
 
 def test_second_repro_runs_nothing(reproduced: Path) -> None:

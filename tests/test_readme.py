@@ -3,9 +3,9 @@
 A block is marked for this test by `<!-- readme-test: NAME -->` on the line before its fence. Each runs in a temp git
 copy of the repository on LEAN_PARAMS, with this session's venv first on PATH (as `. .venv/bin/activate` puts it; no
 other venv is built), a PREFECT_HOME of its own and a free port for the Prefect server. `make run` is left out (its
-`make setup` would build a venv in the copy, and it is the long run), and so is the cluster section: the blocks here
-are what a reader runs after it. Every process a block starts carries a marker in its environment, so a block fails
-if anything it started outlives it, and whatever did is stopped.
+`make setup` would build a venv in the copy, and it is the long run); the cluster section's blocks run in
+tests/test_cluster.py, on the session's stack. Every process a block starts carries a marker in its environment, so a
+block fails if anything it started outlives it, and whatever did is stopped.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
+from kiln.core.params import apply_overrides
 from kiln.platform import processes
 from tests.conftest import LEAN_PARAMS, REPO, copy_repo, free_port, repo_env
 
@@ -99,11 +100,13 @@ def write_predict_inputs(repo: Path, count: int = 5) -> None:
 
 @pytest.mark.slow
 def test_the_readme_blocks_run_as_written(tmp_path: Path, ray_address: str) -> None:
-    """In README order: a knob changed (`dvc exp run -S` runs the DAG; `kiln flow -S` and the deployment's runs
-    restore it from the run-cache), batch inference with the model it registered, then the deployment walk-through on
+    """In README order: a knob set (`dvc exp run -S` runs the DAG; `kiln flow -S` and the deployment's runs restore
+    it from the run-cache), batch inference with the model it registered, then the deployment walk-through on
     a Prefect server and worker of its own, stopped by the block's own `kill`."""
     (tmp_path / "repo").mkdir()
-    repo = copy_repo(tmp_path / "repo", LEAN_PARAMS)
+    # params.yaml holds the README's knob (train.epochs=12) already: the one DAG run (`dvc exp run -S`) is what the
+    # deployment's default run, and every run after it, restores from the run-cache
+    repo = copy_repo(tmp_path / "repo", apply_overrides(LEAN_PARAMS, {"train.epochs": 12}))
     env = {key: value for key, value in repo_env().items() if not key.startswith("PREFECT_")}
     env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_SERVER_API_PORT=str(free_port()),
                PREFECT_WORKER_QUERY_SECONDS="2", PYTHONUNBUFFERED="1")  # the worker polls every 2 s, not 10

@@ -2,25 +2,23 @@
 PostgreSQL holds MLflow's and Prefect's databases, MLflow proxies artifacts into S3 for clients without S3 keys, DVC
 pushes to and pulls from the S3 remote, Ray tasks on both nodes write to S3 through pyarrow and their output reaches
 the driver once, the Prefect worker runs a flow run with the stack's S3 keys, every socket but Ray's binds 127.0.0.1, a
-killed MLflow server or Prefect worker is restarted by the supervisor and `kiln cluster restart` restarts one on
-purpose; and `kiln cluster up/status/down` on a second small stack prints what it promises and leaves none of its
-processes behind."""
+killed Prefect worker is restarted by the supervisor (a killed MLflow server under a training run: test_tracking_faults)
+and `kiln cluster restart` restarts one on purpose; and `kiln cluster up/status/down` on a second small stack prints
+what it promises and leaves none of its processes behind."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import shutil
-import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from itertools import pairwise
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import pytest
 
 from kiln.platform import postgres, processes, servers, supervise
 from kiln.platform.stack import Stack, memory, read_env, stack_pids, status
-from tests.conftest import BIN, REPO, bucket_keys, pg_query, run, until
+from tests.conftest import BIN, REPO, bucket_keys, kill, pg_query, restarted, restarts, run
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 ENV_KEYS = {"MLFLOW_TRACKING_URI", "PREFECT_API_URL", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
@@ -203,44 +201,8 @@ def test_every_socket_but_rays_binds_loopback_and_ray_wants_its_token(stack: Sta
     assert re.search("InvalidAuthToken|Unauthenticated", refused.stderr), refused.stderr[-3000:]
 
 
-def kill(stack: Stack, name: str) -> int:
-    """SIGKILL every process of the service `name`'s session, as a crash would; its session id."""
-    sid = processes.recorded(stack.root)[name]
-    for pid in processes.session(sid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    return sid
-
-
-def restarts(stack: Stack, name: str) -> int:
-    return next(service.restarts for service in status(stack.root) if service.name == name)
-
-
-def restarted(stack: Stack, name: str, previous: int, ready: Callable[[], bool]) -> int:
-    """Wait (30 s at most) until `name` runs in a session other than `previous` and `ready` holds; the new session
-    id, whose environment is the recorded one."""
-    def back() -> int | None:
-        sid = processes.recorded(stack.root).get(name)
-        return sid if sid != previous and processes.leads(sid) and ready() else None
-
-    sid = until(back, 30, lambda: f"{name} is not back after 30 s; the supervisor's log:\n"
-                                  f"{processes.tail(processes.log_path(stack.root, supervise.NAME))}")
-    spec = json.loads((stack.root / processes.SPECS / f"{name}.json").read_text())
-    environ = dict(line.split("=", 1) for line in Path(f"/proc/{sid}/environ").read_text().split("\0") if line)
-    assert environ == {**spec["env"], processes.MARKER: str(stack.root)}, "restarted with the recorded environment"
-    return sid
-
-
 def all_healthy(stack: Stack) -> bool:
     return all(service.healthy for service in status(stack.root))
-
-
-def test_a_killed_mlflow_server_is_back_within_30_s(stack: Stack) -> None:
-    before = restarts(stack, "mlflow")
-    url = stack.env["MLFLOW_TRACKING_URI"]
-    restarted(stack, "mlflow", kill(stack, "mlflow"), lambda: servers.mlflow_ready(url))
-    assert restarts(stack, "mlflow") == before + 1
-    until(lambda: all_healthy(stack), 60, lambda: f"not all healthy: {status(stack.root)}")
 
 
 def test_a_killed_prefect_worker_is_back_and_runs_flows_again(stack: Stack, tmp_path: Path) -> None:

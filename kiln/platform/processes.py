@@ -139,27 +139,26 @@ def respawn(root: Path, name: str) -> int:
     return _launch(root, name, spec)
 
 
+def _stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, parent, group, session, ...); None when the
+    process is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else fields
+
+
 def leads(sid: int) -> bool:
     """Whether process `sid` lives (not a zombie) and still leads its session (its pid was not reused)."""
-    try:
-        fields = Path(f"/proc/{sid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return False
-    return fields[0] not in ("Z", "X") and int(fields[3]) == sid
+    fields = _stat(sid)
+    return fields is not None and int(fields[3]) == sid
 
 
 def _processes() -> dict[int, int]:
     """Every live (not zombie) process -> its parent."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rpartition(")")[2].split()
-            except OSError:
-                continue
-            if fields[0] not in ("Z", "X"):
-                parents[int(entry)] = int(fields[1])
-    return parents
+    return {int(entry): int(fields[1]) for entry in os.listdir("/proc")
+            if entry.isdigit() and (fields := _stat(entry)) is not None}
 
 
 def session(sid: int) -> list[int]:

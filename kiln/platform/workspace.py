@@ -110,4 +110,22 @@ def push_experiment(workspace: Path, experiment: Experiment, with_data: bool) ->
     remote (not needed when the workspace shares the origin checkout's cache). Returns it as found in `origin`."""
     data = ["--run-cache"] if with_data else ["--no-cache"]
     run(["dvc", "exp", "push", *data, "origin", experiment.name], cwd=workspace)
+    if with_data:
+        push_uncached_outputs(workspace)
     return replace(experiment, remote=run(["git", "remote", "get-url", "origin"], cwd=workspace).strip())
+
+
+def push_uncached_outputs(workspace: Path) -> None:
+    """Push the copies of the finished stages' `cache: false` outputs (metrics, plots) that DVC's run-cache keeps in
+    the local cache. `dvc exp push --run-cache` sends the run-cache entries but not these files, so a clone elsewhere
+    would run those stages again instead of restoring them (`dvc repro --pull`: "Some of the cache files do not
+    exist neither locally nor on remote")."""
+    from dvc.repo import Repo
+    from dvc_data.hashfile.hash_info import HashInfo
+
+    lock = yaml.safe_load((workspace / "dvc.lock").read_text())
+    wanted = {HashInfo("md5", out["md5"]) for stage in lock["stages"].values() for out in stage.get("outs", [])
+              if not out["md5"].endswith(".dir")}  # every out is a file or an already pushed cached folder
+    with Repo(str(workspace)) as repo:
+        missing = {info for info in wanted if not repo.cache.local.exists(info.value)}
+        repo.cloud.push(wanted - missing)
