@@ -33,9 +33,10 @@ from kiln.core.params import Params
 from kiln.core.prepared import load_split, read_manifest, stratified_head, task_folders, to_float
 from kiln.core.tracking import lineage_tags, use_experiment
 from kiln.evaluate import explain
+from kiln.evaluate.gate import Decision, Gate, predictions_record
 from kiln.evaluate.measures import perturbed_sets
-from kiln.evaluate.publish import pinned, promotion_gate, register_onnx
-from kiln.evaluate.registry import PREDICTIONS, Decision, predictions_record, resolve_version
+from kiln.evaluate.publish import pinned, register_onnx
+from kiln.evaluate.registry import PREDICTIONS, resolve_version
 from kiln.evaluate.report import (
     HEADLINE,
     REPORTS,
@@ -212,7 +213,7 @@ def log_and_register(params: Params, results: list[TaskResult], fp32_model: nn.M
                 deployable.candidate.path, baseline.candidate.path, outputs, example, classes,
                 params.tracking.registered_model,
                 {**lineage, "kiln.variant": variant, "kiln.evaluate_run_id": parent.info.run_id},
-                promotion_gate(params))
+                Gate.from_params(params))
             log_decision(decision)
         log_decision(decision)
     return decision

@@ -31,8 +31,9 @@ from kiln.core.models import save_trained_model
 from kiln.core.params import ADAPTERS, Params
 from kiln.core.prepared import load_split, per_class, read_manifest, to_float
 from kiln.core.tracking import lineage_tags, use_experiment
-from kiln.evaluate.publish import promotion_gate, register_onnx
-from kiln.evaluate.registry import PREDICTIONS, Decision, predictions_record, resolve_version
+from kiln.evaluate.gate import Decision, Gate, predictions_record
+from kiln.evaluate.publish import register_onnx
+from kiln.evaluate.registry import PREDICTIONS, resolve_version
 from kiln.finetune.base import Base, load_base
 from kiln.finetune.methods import check_targets
 from kiln.finetune.report import markdown, save_accuracy_plot
@@ -159,4 +160,4 @@ def register(params: Params, run_id: str, onnx_file: Path, model_file: Path, tag
         mlflow.log_dict(predictions_record(x_test, y_test, predicted), PREDICTIONS)
         tags = {**tags, "kiln.finetune_method": params.finetune.select, "kiln.finetune_run_id": parent_id}
         return register_onnx(onnx_file, model_file, logits, to_float(x_test[:2]), classes,
-                             params.finetune.registered_model, tags, promotion_gate(params))
+                             params.finetune.registered_model, tags, Gate.from_params(params))

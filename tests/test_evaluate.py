@@ -28,9 +28,10 @@ from kiln.core.models import load_trained_model, save_trained_model
 from kiln.core.params import EvaluateParams, Params, ParamsError, apply_overrides, validate_params
 from kiln.core.prepared import MANIFEST, SPLITS, load_split, save_split, split_file, to_float
 from kiln.evaluate import explain
+from kiln.evaluate.gate import Decision
 from kiln.evaluate.measures import calibration, class_keys, perturbed_sets, robustness
 from kiln.evaluate.plots import ATTRIBUTION_CELL_INCHES
-from kiln.evaluate.registry import Decision, GateError
+from kiln.evaluate.registry import GateError
 from kiln.evaluate.report import HEADLINE
 from tasks import evaluate
 from tests.conftest import TINY_PARAMS, train_lenet

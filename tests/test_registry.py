@@ -1,4 +1,5 @@
-"""The promotion gate on a real MLflow registry (sqlite in a temp dir), and McNemar's test."""
+"""The promotion gate on a real MLflow registry (sqlite in a temp dir): evidence read from the versions' runs, aliases
+moved, or left as they were when anything fails (the policy itself: test_gate)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import pytest
 from mlflow import MlflowClient
 
 from kiln.core.errors import InputError
-from kiln.evaluate.registry import PREDICTIONS, Gate, GateError, predictions_record, promote
-from kiln.evaluate.stats import mcnemar_exact
+from kiln.evaluate.gate import Gate, predictions_record
+from kiln.evaluate.registry import PREDICTIONS, GateError, promote
 from kiln.platform.reproduce import lineage_of
 
 LABELS = np.arange(100) % 10
@@ -64,29 +65,10 @@ def aliases(client: MlflowClient) -> dict[str, str]:
     return {alias: str(version) for alias, version in client.get_registered_model("m").aliases.items()}
 
 
-def test_mcnemar_matches_a_hand_computed_case() -> None:
-    first = np.array([1, 0, 0, 0, 0, 0, 1, 1, 0], bool)
-    second = np.array([0, 1, 1, 1, 1, 1, 1, 1, 0], bool)
-    test = mcnemar_exact(first, second)
-    # b=1, c=5: two-sided binomial(6, 1/2) tail = 2 * (C(6,0) + C(6,1)) / 2**6 = 14/64
-    assert (test.b, test.c, test.p_value) == (1, 5, pytest.approx(14 / 64))
-    assert mcnemar_exact(first, first).p_value == 1.0
-    with pytest.raises(ValueError, match="differ in shape"):
-        mcnemar_exact(first, second[:3])
-
-
 def test_first_version_becomes_champion(client: MlflowClient) -> None:
     decision = promote(client, "m", new_version(client, range(10)), GATE)
     assert decision.promoted and decision.reason == "no champion yet" and decision.p_value is None
     assert aliases(client) == {"champion": "1", "challenger": "1"}
-
-
-def test_better_but_not_significant_stays_challenger(client: MlflowClient) -> None:
-    promote(client, "m", new_version(client, range(10)), GATE)
-    decision = promote(client, "m", new_version(client, range(3, 10)), GATE)  # b=3, c=0: p=0.25
-    assert not decision.promoted and "not significant" in decision.reason
-    assert (decision.delta, decision.b, decision.c, decision.p_value) == (0.03, 3, 0, 0.25)
-    assert aliases(client) == {"champion": "1", "challenger": "2"}
 
 
 def test_better_and_significant_becomes_champion(client: MlflowClient) -> None:
@@ -98,25 +80,6 @@ def test_better_and_significant_becomes_champion(client: MlflowClient) -> None:
     worse = promote(client, "m", new_version(client, range(20)), GATE)
     assert not worse.promoted and worse.delta == -0.13
     assert aliases(client) == {"champion": "2", "challenger": "3"}
-
-
-def test_improvement_below_the_margin_is_not_promoted(client: MlflowClient) -> None:
-    promote(client, "m", new_version(client, range(20)), GATE)
-    gate = Gate("test_accuracy", margin=0.2, alpha=0.05)
-    decision = promote(client, "m", new_version(client, range(5)), gate)  # +0.15, b=15, c=0: significant
-    assert not decision.promoted and "margin" in decision.reason and decision.p_value < 0.001
-    assert aliases(client) == {"champion": "1", "challenger": "2"}
-    assert promote(client, "m", new_version(client, range(0)), gate).promoted  # +0.20 reaches it
-
-
-@pytest.mark.bad_input
-def test_a_different_test_split_is_refused(client: MlflowClient) -> None:
-    promote(client, "m", new_version(client, range(20)), GATE)
-    smaller = promote(client, "m", new_version(client, range(0), IMAGES[:50]), GATE)
-    assert not smaller.promoted and "tested on 100 items, this version on 50" in smaller.reason
-    other = promote(client, "m", new_version(client, range(0), IMAGES + 1), GATE)
-    assert not other.promoted and "different test split" in other.reason and other.p_value is None
-    assert aliases(client) == {"champion": "1", "challenger": "3"}
 
 
 def test_failed_gate_leaves_aliases_untouched(client: MlflowClient) -> None:

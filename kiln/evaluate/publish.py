@@ -23,8 +23,8 @@ import onnx
 from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
-from kiln.core.params import Params
-from kiln.evaluate.registry import Decision, Gate, promote
+from kiln.evaluate.gate import Decision, Gate
+from kiln.evaluate.registry import promote
 
 SOURCE_MODEL = "source/model.pt"  # where a registered version's run keeps the PyTorch weights it came from
 EXPERIMENT_ENV = "KILN_EXPERIMENT"
@@ -33,11 +33,6 @@ EXPERIMENT_ENV = "KILN_EXPERIMENT"
 def pinned(*packages: str) -> list[str]:
     """pip requirements pinning the installed versions (MLflow would otherwise infer them, slowly)."""
     return [f"{name}=={version(name)}" for name in packages]
-
-
-def promotion_gate(params: Params) -> Gate:
-    """The promotion gate every registration passes (evaluate.gate_metric, gate_margin, gate_alpha)."""
-    return Gate(params.evaluate.gate_metric, params.evaluate.gate_margin, params.evaluate.gate_alpha)
 
 
 def experiment_tags() -> dict[str, str]:

@@ -1,8 +1,6 @@
-"""Model registry policy: every new version becomes `challenger`; `champion` moves only when the gate passes.
-
-The gate pairs the test predictions each evaluate run logs (PREDICTIONS) with the champion's: the new version
-must beat it on the gate metric by the margin, and McNemar's test on the paired predictions must be significant
-in its favour. Everything is computed before any alias moves, so a failure leaves the aliases as they were.
+"""The registry side of the promotion gate (its policy: kiln.evaluate.gate): each version's evidence read from the run
+that registered it, and the aliases moved as the decision says. Everything is judged before any alias moves, so a
+failure leaves the aliases as they were.
 
 Two evaluate runs may promote at once. MLflow has no compare-and-set on aliases, so on a sqlite store a file lock
 for the database makes judge-and-move one step; on a server store, `promote` re-reads the champion just before
@@ -19,15 +17,13 @@ import json
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from kiln.core.errors import InputError
-from kiln.evaluate.stats import mcnemar_exact
+from kiln.evaluate.gate import Decision, Evidence, Gate, first, judge
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 PREDICTIONS = "test_predictions.json"
@@ -37,49 +33,8 @@ class GateError(InputError):
     """The registry lacks what the gate needs (a metric, the paired predictions); nothing was moved."""
 
 
-@dataclass(frozen=True)
-class Gate:
-    metric: str
-    margin: float  # required improvement, in the metric's units
-    alpha: float  # significance level of McNemar's test
-
-
-@dataclass
-class Decision:
-    version: str
-    promoted: bool
-    reason: str
-    metric: str
-    value: float
-    margin: float
-    alpha: float
-    champion_version: str | None = None
-    champion_value: float | None = None
-    delta: float | None = None
-    b: int | None = None  # test items only this version classifies correctly
-    c: int | None = None  # test items only the champion classifies correctly
-    p_value: float | None = None
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-def split_digest(images: np.ndarray, labels: np.ndarray) -> str:
-    """sha256 of a test split's content, to check that two runs' predictions pair item by item."""
-    digest = hashlib.sha256()
-    for array in (images, labels):
-        digest.update(str((array.dtype.str, array.shape)).encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
-def predictions_record(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray) -> dict:
-    """What evaluate logs as PREDICTIONS: labels and predicted classes, with the digest of the split."""
-    return {"split_sha256": split_digest(images, labels), "labels": labels.tolist(), "predicted": predicted.tolist()}
-
-
-def _evidence(client: MlflowClient, name: str, version: str, metric: str) -> tuple[float, dict]:
-    """(gate metric value, predictions record) of a version, read from the run that logged it."""
+def _evidence(client: MlflowClient, name: str, version: str, metric: str) -> Evidence:
+    """A version's gate metric and paired predictions, read from the run that logged them."""
     run_id = client.get_model_version(name, version).run_id
     metrics = client.get_run(run_id).data.metrics
     if metric not in metrics:
@@ -92,33 +47,7 @@ def _evidence(client: MlflowClient, name: str, version: str, metric: str) -> tup
                 f"{name} v{version} (run {run_id}) has no {PREDICTIONS} to pair with; re-evaluate it, or move "
                 f"the '{CHAMPION}' alias by hand"
             ) from None
-        return metrics[metric], json.loads(Path(path).read_text())
-
-
-def _judge(gate: Gate, version: str, new: tuple[float, dict], champion: str, old: tuple[float, dict]) -> Decision:
-    """Compare `version` with `champion`, each given as (gate metric value, predictions record)."""
-    (value, record), (value0, record0) = new, old
-    delta = round(value - value0, 12)  # so that 0.58 - 0.57 reaches a 0.01 margin despite binary floating point
-    decision = Decision(version, False, "", gate.metric, value, gate.margin, gate.alpha, champion, value0, delta)
-    sizes = len(record["labels"]), len(record0["labels"])
-    if sizes[0] != sizes[1]:
-        decision.reason = f"champion v{champion} was tested on {sizes[1]} items, this version on {sizes[0]}"
-        return decision
-    if record["split_sha256"] != record0["split_sha256"]:
-        decision.reason = f"champion v{champion} was tested on a different test split of the same size"
-        return decision
-    labels = np.asarray(record["labels"])
-    test = mcnemar_exact(np.asarray(record["predicted"]) == labels, np.asarray(record0["predicted"]) == labels)
-    decision.b, decision.c, decision.p_value = test.b, test.c, test.p_value
-    stats = f"McNemar b={test.b} c={test.c} p={test.p_value:.4g}, alpha {gate.alpha}"
-    if decision.delta <= 0 or decision.delta < gate.margin:
-        decision.reason = f"{gate.metric} delta {decision.delta:+.4f} does not reach the margin {gate.margin} ({stats})"
-    elif test.p_value >= gate.alpha or test.b <= test.c:
-        decision.reason = f"{gate.metric} delta {decision.delta:+.4f} is not significant ({stats})"
-    else:
-        decision.promoted = True
-        decision.reason = f"{gate.metric} delta {decision.delta:+.4f} reaches the margin and is significant ({stats})"
-    return decision
+        return Evidence(metrics[metric], json.loads(Path(path).read_text()))
 
 
 def _move_aliases(client: MlflowClient, name: str, targets: dict[str, str]) -> None:
@@ -168,10 +97,8 @@ def promote(client: MlflowClient, name: str, version: str, gate: Gate) -> Decisi
     with registry_lock(client):
         while True:
             champion = _champion(client, name)
-            if champion is None:
-                decision = Decision(version, True, "no champion yet", gate.metric, new[0], gate.margin, gate.alpha)
-            else:
-                decision = _judge(gate, version, new, champion, _evidence(client, name, champion, gate.metric))
+            decision = (first(gate, version, new) if champion is None
+                        else judge(gate, version, new, champion, _evidence(client, name, champion, gate.metric)))
             if _champion(client, name) == champion:  # nobody moved it while we judged
                 break
         _move_aliases(client, name, {CHALLENGER: version, **({CHAMPION: version} if decision.promoted else {})})
