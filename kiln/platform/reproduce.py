@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from kiln.core.contract import stages
 from kiln.core.errors import InputError
 from kiln.core.shell import CommandError, run, stream
+from kiln.platform.workspace import recorded_stages
 
 TIMINGS = re.compile(r"(latency|images_per_s|_ms$)")  # measured figures: never compared
 
@@ -65,8 +65,7 @@ def _without_timings(value: Any) -> Any:
 
 def _lock_outs(workspace: Path, stage: str) -> list[tuple[str, str]]:
     """(path, md5) of every output dvc.lock records for `stage`."""
-    lock = yaml.safe_load((workspace / "dvc.lock").read_text())
-    return [(out["path"], out["md5"]) for out in lock["stages"][stage]["outs"]]
+    return [(out["path"], out["md5"]) for out in recorded_stages(workspace)[stage]["outs"]]
 
 
 def _output(workspace: Path, stage: str, name: str) -> str:

@@ -72,13 +72,17 @@ def files_to_record(workspace: Path) -> list[str]:
     return sorted(candidates & untracked)
 
 
+def recorded_stages(workspace: Path) -> dict[str, dict]:
+    """dvc.lock's entry of each stage it records (none before the first stage finishes)."""
+    lock = workspace / "dvc.lock"
+    return (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
+
+
 def commit_finished(workspace: Path) -> None:
     """`dvc commit` the stages dvc.lock records whose outputs are all there, as `dvc exp save` does for every stage
     (which also saves each one's run-cache entry); a stage whose outputs are gone (it failed this time) stays as the
     lock has it."""
-    lock = workspace / "dvc.lock"
-    recorded = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
-    finished = [stage for stage, entry in recorded.items()
+    finished = [stage for stage, entry in recorded_stages(workspace).items()
                 if all((workspace / out["path"]).exists() for out in entry.get("outs", []))]
     if finished:
         run(["dvc", "commit", "--force", "--quiet", *finished], cwd=workspace)
@@ -123,9 +127,7 @@ def push_uncached_outputs(workspace: Path) -> None:
     from dvc.repo import Repo
     from dvc_data.hashfile.hash_info import HashInfo
 
-    lock = yaml.safe_load((workspace / "dvc.lock").read_text())
-    wanted = {HashInfo("md5", out["md5"]) for stage in lock["stages"].values() for out in stage.get("outs", [])
-              if not out["md5"].endswith(".dir")}  # every out is a file or an already pushed cached folder
+    hashes = [out["md5"] for entry in recorded_stages(workspace).values() for out in entry.get("outs", [])
+              if not out["md5"].endswith(".dir")]  # every out is a file or an already pushed cached folder
     with Repo(str(workspace)) as repo:
-        missing = {info for info in wanted if not repo.cache.local.exists(info.value)}
-        repo.cloud.push(wanted - missing)
+        repo.cloud.push({HashInfo("md5", md5) for md5 in hashes if repo.cache.local.exists(md5)})
