@@ -28,12 +28,12 @@ from benchmarks.report import machine, measured_code, write_results, write_secti
 from benchmarks.stages import run_stage
 from kiln.compress.recovery import recover
 from kiln.core import ray_cluster
-from kiln.core.contract import stage_path
 from kiln.core.inference import accuracy, onnx_logits, torch_logits
 from kiln.core.latency import batch_of, interleaved
 from kiln.core.models import load_trained_model
 from kiln.core.params import LatencyParams, read_raw_params, validate_params
 from kiln.core.prepared import load_split, read_manifest, to_float
+from kiln.platform.contract import stage_path
 from kiln.train.recipe import dataset_augmentation
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,12 +27,12 @@ from scipy import stats
 
 from benchmarks.report import machine, measured_code, write_results, write_section
 from kiln.core import ray_cluster
-from kiln.core.contract import stage_path
 from kiln.core.inference import accuracy, torch_logits
 from kiln.core.models import load_trained_model
 from kiln.core.params import read_raw_params, validate_params
 from kiln.core.prepared import per_class, stratified_head, to_float
 from kiln.finetune.training import finetune
+from kiln.platform.contract import stage_path
 from kiln.prepare.datasets import read_digits, resized
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -26,12 +26,12 @@ from torch import nn
 from benchmarks.compress import spread
 from benchmarks.report import machine, measured_code, write_results, write_section
 from kiln.compress.onnx_export import export_onnx, quantize_int8
-from kiln.core.contract import stage_path
 from kiln.core.inference import onnx_logits, torch_logits
 from kiln.core.latency import interleaved
 from kiln.core.models import Normalize, build_model, conv_bn, model_spec
 from kiln.core.params import LatencyParams
 from kiln.core.prepared import load_split, read_manifest, to_float
+from kiln.platform.contract import stage_path
 from kiln.train.loop import train_epoch
 from kiln.train.recipe import make_loader, seed_everything
 

@@ -13,9 +13,9 @@ import onnxruntime as ort
 import torch
 import yaml
 
-from kiln.core.codebase import closure, combined_hash, data_digest, file_hashes, stage_files
 from kiln.core.files import atomic_path, write_json
 from kiln.core.tracking import git_commit
+from kiln.platform.codebase import closure, combined_hash, data_digest, file_hashes, stage_files
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks.md"

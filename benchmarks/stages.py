@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from kiln.core.contract import stages
+from kiln.platform.contract import stages
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -29,10 +29,10 @@ import typer
 
 from benchmarks.report import machine, measured_code, write_results, write_section
 from benchmarks.stages import run_stage
-from kiln.core.contract import stage_path
 from kiln.core.models import build_model, load_trained_model, model_spec
 from kiln.core.params import Params, apply_overrides, read_raw_params, validate_params
 from kiln.core.prepared import load_split, read_manifest
+from kiln.platform.contract import stage_path
 from kiln.train.distributed import fit, train_worker
 from kiln.train.loop import VAL_BATCH, train_epoch, validate
 from kiln.train.recipe import make_loader, make_optimizer, make_recipe, make_scheduler, seed_everything

@@ -11,9 +11,9 @@ from typing import Annotated
 
 import typer
 
-from kiln.core import shell
 from kiln.core.errors import InputError
 from kiln.core.params import load_params
+from kiln.platform import shell
 from tasks import cluster, stages, summary
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)

@@ -34,8 +34,8 @@ from kiln.core import ray_cluster
 from kiln.core.errors import InputError
 from kiln.core.files import atomic_path, write_json
 from kiln.core.models import load_trained_model, task_heads
+from kiln.core.multitask import load_tasks
 from kiln.core.params import Params
-from kiln.core.tasks import load_tasks
 from kiln.core.tracking import lineage_tags, use_experiment
 from kiln.train.recipe import dataset_augmentation
 

@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kiln.core.contract import stages
+from kiln.platform.contract import stages
 
 RAN, UP_TO_DATE, RESTORED = "ran", "up to date", "restored"  # the last: from DVC's run-cache, without running
 NEXT = [("dvc plots show", "learning curves, confusion matrix... (dvc_plots/index.html)"),

@@ -17,9 +17,9 @@ from kiln.core import ray_cluster
 from kiln.core.errors import InputError
 from kiln.core.files import atomic_path, read_json, sha256_file, write_json
 from kiln.core.models import build_model, initial_state, model_spec, save_trained_model
+from kiln.core.multitask import load_tasks
 from kiln.core.params import Params
 from kiln.core.prepared import MANIFEST
-from kiln.core.tasks import load_tasks
 from kiln.core.tracking import lineage_tags, use_experiment
 from kiln.train.distributed import fit, train_worker
 from kiln.train.plots import save_learning_curves

@@ -18,9 +18,9 @@ from kiln.core import ray_cluster
 from kiln.core.errors import InputError
 from kiln.core.files import atomic_path, write_json
 from kiln.core.models import model_spec
+from kiln.core.multitask import load_tasks
 from kiln.core.params import TUNABLE_TRAIN_KEYS, Params
 from kiln.core.prepared import stratified_head
-from kiln.core.tasks import load_tasks
 from kiln.core.tracking import lineage_tags, use_experiment
 from kiln.train.recipe import make_recipe
 from kiln.tune import search

@@ -27,11 +27,11 @@ import pytest
 import torch
 import yaml
 
-from kiln.core.contract import stages
 from kiln.core.models import build_model
 from kiln.core.params import apply_overrides, validate_params
 from kiln.core.tracking import ARTIFACTS, STORE
 from kiln.platform import objectstore, processes, supervise
+from kiln.platform.contract import stages
 from kiln.platform.stack import Stack, StackSettings, down, status, up
 from tasks import prepare
 

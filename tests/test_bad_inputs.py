@@ -16,8 +16,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kiln.core.contract import stages
 from kiln.core.params import ParamsError, validate_params
+from kiln.platform.contract import stages
 from tests.conftest import REPO, key_paths, record_cases
 
 pytestmark = pytest.mark.bad_input

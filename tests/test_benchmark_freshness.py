@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.report import measured_code
-from kiln.core.codebase import combined_hash
+from kiln.platform.codebase import combined_hash
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = sorted((REPO / "benchmarks" / "results").glob("*.json"))

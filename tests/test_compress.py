@@ -26,7 +26,6 @@ from kiln.compress.onnx_export import CHANNEL_MULTIPLE, export_onnx, quantize_in
 from kiln.compress.pruning import count_macs, count_parameters, prune_to_macs, resized, round_targets, thinned
 from kiln.compress.recovery import check_reachable
 from kiln.compress.select import select_deployable, within_accuracy
-from kiln.core.contract import stages
 from kiln.core.errors import CorruptFile, InputError
 from kiln.core.files import write_json
 from kiln.core.inference import onnx_logits, predict_onnx, session_options
@@ -42,6 +41,7 @@ from kiln.core.prepared import (
     split_file,
     to_float,
 )
+from kiln.platform.contract import stages
 from tasks import compress
 from tests.conftest import TINY_PARAMS, train_lenet
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kiln.core.contract import stages
 from kiln.core.params import ParamsError, apply_overrides, load_params, validate_params, write_overrides
+from kiln.platform.contract import stages
 from tests.conftest import REPO, TINY_PARAMS
 
 STOCK = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kiln.core.codebase import imported_modules, stage_files
-from kiln.core.contract import stages
+from kiln.platform.codebase import imported_modules, stage_files
+from kiln.platform.contract import stages
 
 REPO = Path(__file__).resolve().parents[1]
 KILN_LAYERS = {  # a kiln package -> the kiln packages it may import

@@ -20,7 +20,6 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from kiln.compress.onnx_export import export_onnx, quantize_int8
-from kiln.core.contract import stages
 from kiln.core.errors import InputError
 from kiln.core.files import write_json
 from kiln.core.inference import onnx_logits, torch_logits
@@ -33,6 +32,7 @@ from kiln.evaluate.measures import calibration, class_keys, perturbed_sets, robu
 from kiln.evaluate.plots import ATTRIBUTION_CELL_INCHES
 from kiln.evaluate.registry import GateError
 from kiln.evaluate.report import HEADLINE
+from kiln.platform.contract import stages
 from tasks import evaluate
 from tests.conftest import TINY_PARAMS, train_lenet
 

@@ -8,9 +8,9 @@ import ast
 import numpy as np
 import pytest
 
-from kiln.core.codebase import closure
 from kiln.evaluate.gate import Evidence, Gate, first, judge, predictions_record
 from kiln.evaluate.stats import mcnemar_exact
+from kiln.platform.codebase import closure
 from tests.conftest import REPO
 
 LABELS = np.arange(100) % 10

@@ -17,9 +17,9 @@ from mlflow.models import get_model_info
 
 from kiln.core.files import read_json
 from kiln.core.models import TaskHead, build_model, load_trained_model
+from kiln.core.multitask import TaskLayout
 from kiln.core.params import ParamsError, apply_overrides, validate_params
 from kiln.core.prepared import load_split, read_manifest, task_folders
-from kiln.core.tasks import TaskLayout
 from kiln.train.loop import VAL_BATCH, validate
 from kiln.train.multitask import EqualShares, own_head_predictions, weighted_loss
 from kiln.train.recipe import make_loader

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import yaml
 
-from kiln.core.contract import stages
 from kiln.core.files import sha256_file
 from kiln.core.params import PrepareParams, validate_params
 from kiln.core.prepared import SPLITS, load_split, read_manifest, split_file
+from kiln.platform.contract import stages
 from kiln.prepare.datasets import DatasetError, channel_stats, read_cifar10, read_fashion_mnist, validate_arrays
 from tasks import prepare as prepare_stage
 from tests.conftest import TINY_PARAMS

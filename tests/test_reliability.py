@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kiln.core.contract import stage_path
+from kiln.platform.contract import stage_path
 from tests.conftest import BIN, copy_run, printed, repo_env, run
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]  # real runs on the session stack: out of the quick loop

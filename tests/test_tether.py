@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import REPO, alive, until
 
 pytestmark = pytest.mark.fault
-STREAMER = ("from kiln.core import shell; shell.stream(['bash', '-c', 'sleep 300 & echo pids $$ $!; wait'], "
+STREAMER = ("from kiln.platform import shell; shell.stream(['bash', '-c', 'sleep 300 & echo pids $$ $!; wait'], "
             "echo=lambda out: print(out, flush=True))")
 
 

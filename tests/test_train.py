@@ -16,11 +16,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from kiln.core.contract import stages
 from kiln.core.errors import InputError
 from kiln.core.models import load_trained_model
 from kiln.core.params import Params, apply_overrides, validate_params
 from kiln.core.prepared import load_split
+from kiln.platform.contract import stages
 from kiln.platform.stack import Stack, stack_pids
 from kiln.train.loop import VAL_BATCH, validate
 from kiln.train.recipe import make_loader

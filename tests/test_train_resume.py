@@ -13,7 +13,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from kiln.core.contract import stage_path
+from kiln.platform.contract import stage_path
 from tests.conftest import BIN, TINY_PARAMS, copy_run, printed, record_measured, repo_env, run, until
 
 pytestmark = [pytest.mark.fault, pytest.mark.slow]

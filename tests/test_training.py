@@ -15,9 +15,9 @@ import torch
 import yaml
 
 from kiln.core.adversarial import fgsm, pgd
-from kiln.core.contract import stages
 from kiln.core.models import build_model, check_fits, load_weights
 from kiln.core.params import MODELS, apply_overrides, validate_params
+from kiln.platform.contract import stages
 from kiln.train.augment import AugmentSettings, augment, random_crop, random_erasing
 from kiln.train.checkpoint import restore, training_state
 from kiln.train.loop import EarlyStopping, Hooks, Progress, run_epochs, train_epoch

@@ -15,9 +15,9 @@ import yaml
 from mlflow import MlflowClient
 from ray import tune
 
-from kiln.core.contract import stages
 from kiln.core.errors import InputError
 from kiln.core.params import Params, apply_overrides, validate_params
+from kiln.platform.contract import stages
 from kiln.tune.search import scheduler, search_algorithm, to_domain
 from tasks import prepare
 from tasks import tune as tune_stage

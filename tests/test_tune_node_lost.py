@@ -18,9 +18,9 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from kiln.core.contract import stages
 from kiln.core.params import apply_overrides, validate_params
 from kiln.platform import processes, raynodes
+from kiln.platform.contract import stages
 from tasks import prepare
 from tests.conftest import REPO, TINY_PARAMS, output_tail, record_measured, repo_env, until
 

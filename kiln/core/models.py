@@ -167,7 +167,7 @@ def torchvision_model(name: str, in_channels: int, num_classes: int, image_size:
 class MultiTaskNet(nn.Module):
     """A zoo network's trunk (all of it but its last linear layer) shared by one linear head per task. The forward
     pass returns every head's logits side by side, in task order: `tasks` maps each task to its class count, so
-    columns [offset, offset + count) are its logits (`kiln.core.tasks.TaskLayout` slices them)."""
+    columns [offset, offset + count) are its logits (`kiln.core.multitask.TaskLayout` slices them)."""
 
     def __init__(self, net: nn.Module, tasks: dict[str, int]) -> None:
         super().__init__()

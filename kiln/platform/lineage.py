@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from kiln.core.contract import stages
 from kiln.core.tracking import tracking_uri
+from kiln.platform.contract import stages
 from kiln.platform.workspace import Experiment
 
 EXPERIMENT_TAGS = ("kiln.experiment", "kiln.experiment_ref", "kiln.experiment_commit", "kiln.git_remote")

@@ -29,9 +29,9 @@ from typing import Any
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from kiln.core.contract import stages
 from kiln.core.errors import InputError
-from kiln.core.shell import CommandError, run, stream
+from kiln.platform.contract import stages
+from kiln.platform.shell import CommandError, run, stream
 from kiln.platform.workspace import recorded_stages
 
 TIMINGS = re.compile(r"(latency|images_per_s|_ms$)")  # measured figures: never compared

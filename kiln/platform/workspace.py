@@ -18,9 +18,9 @@ from pathlib import Path
 
 import yaml
 
-from kiln.core.contract import stages
 from kiln.core.errors import InputError
-from kiln.core.shell import run
+from kiln.platform.contract import stages
+from kiln.platform.shell import run
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from kiln.core.errors import InputError
 from kiln.core.models import build_model
-from kiln.core.tasks import TaskLayout
+from kiln.core.multitask import TaskLayout
 from kiln.train.checkpoint import load, restore, save, training_state
 from kiln.train.loop import VAL_BATCH, EarlyStopping, Hooks, Progress, run_epochs
 from kiln.train.multitask import equal_shares, multitask_hooks, validation_sets

@@ -1,4 +1,4 @@
-"""Multi-task training through the one loop (kiln.core.tasks lays the tasks out): batches drawn from every task by a
+"""Multi-task training through the one loop (kiln.core.multitask lays the tasks out): batches drawn from every task by a
 rule, each item's loss weighted by its task, each task's own augmentation, validation per task."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from kiln.core.models import TaskHead
-from kiln.core.tasks import TaskLayout
+from kiln.core.multitask import TaskLayout
 from kiln.train.augment import AugmentSettings, augment
 from kiln.train.loop import Augment, Loss, Predict, validate
 
@@ -112,7 +112,7 @@ class EqualShares(Sampler[int]):
 
 
 def equal_shares(data: dict[str, Any], seed: int, rank: int = 0, world: int = 1) -> EqualShares | None:
-    """The training sampler of a multi-task run drawing equal shares (kiln.core.tasks.TaskData.arrays' `data`);
+    """The training sampler of a multi-task run drawing equal shares (kiln.core.multitask.TaskData.arrays' `data`);
     None otherwise (each item once per epoch, shuffled: the caller's default)."""
     layout = data.get("layout")
     if layout is None or layout.sampling != "equal":

@@ -55,7 +55,7 @@ def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dic
             state = training_state(model, optimizer, scheduler, None, progress)
             tune.report({**metrics, "node_id": node}, checkpoint=tune.Checkpoint.from_directory(save(folder, state)))
 
-    layout = data["layout"]  # a multi-task run's tasks (kiln.core.tasks.TaskLayout), or None
+    layout = data["layout"]  # a multi-task run's tasks (kiln.core.multitask.TaskLayout), or None
     extra = multitask_hooks(layout, val_loaders, recipe.label_smoothing) if layout else {}
     run_epochs(model, optimizer, train_loader, epochs, recipe, val_loader=val_loaders[0], scheduler=scheduler,
                progress=progress, seed=config["seed"], hooks=Hooks(on_epoch=report, **extra))

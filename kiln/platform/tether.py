@@ -1,4 +1,4 @@
-"""`python -m kiln.core.tether PARENT_PID COMMAND...`: run COMMAND in a process group of its own that dies with the
+"""`python -m kiln.platform.tether PARENT_PID COMMAND...`: run COMMAND in a process group of its own that dies with the
 process PARENT_PID, even when that one is SIGKILLed (the OOM killer, a crashed Prefect flow run).
 
 Linux tells this process of its parent's death (PR_SET_PDEATHSIG), and it stops COMMAND's whole group: `dvc repro`,

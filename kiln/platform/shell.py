@@ -28,10 +28,10 @@ def run(command: Sequence[str], cwd: Path | str | None = None, env: dict[str, st
 def stream(command: Sequence[str], echo: Callable[[str], None], cwd: Path | str | None = None,
            env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run `command`, passing each output line (stdout and stderr merged) to `echo` as it comes; returns the exit
-    code and the whole output. The command runs under kiln.core.tether: if this process dies, even by SIGKILL, the
+    code and the whole output. The command runs under kiln.platform.tether: if this process dies, even by SIGKILL, the
     command and all it started are stopped instead of running on as orphans."""
     lines = []
-    tethered = [sys.executable, "-m", "kiln.core.tether", str(os.getpid()), *command]
+    tethered = [sys.executable, "-m", "kiln.platform.tether", str(os.getpid()), *command]
     with subprocess.Popen(tethered, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, bufsize=1) as process:
         for line in process.stdout:
