@@ -30,12 +30,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 
 from kiln.core.errors import InputError
-from kiln.core.params import load_params, write_overrides
+from kiln.core.params import load_params
 from kiln.core.tracking import tracking_uri
 from kiln.evaluate.publish import EXPERIMENT_ENV
 from kiln.platform import shell
 from kiln.platform.contract import stages
 from kiln.platform.lineage import record_experiment
+from kiln.platform.overrides import write_overrides
 from kiln.platform.workspace import Experiment, clone_workspace, push_experiment, require_tracked_data, save_experiment
 from tasks.summary import RAN, markdown, stage_statuses
 

@@ -49,7 +49,7 @@ def run(params: Params, data: Path, best_config: Path, reports: Path) -> dict[st
     uri = use_experiment(params.tracking.experiment)
     ray_cluster.connect()
     ray_cluster.require(settings.cpus_per_trial * settings.workers_per_trial, "a tune trial")
-    parent_id = close_stale_runs(params.tracking.experiment, name)
+    parent_id, ended = close_stale_runs(params.tracking.experiment, name)
     resume = parent_id is not None and tune.Tuner.can_restore(f"{storage}/{name}")
     tags = {"kiln.stage": "tune", "kiln.tune_experiment": name, **lineage_tags(params, data)}
     with mlflow.start_run(**(dict(run_id=parent_id) if resume else dict(run_name="tune", tags=tags))) as parent:
@@ -57,7 +57,8 @@ def run(params: Params, data: Path, best_config: Path, reports: Path) -> dict[st
             mlflow.log_params({f"tune.{k}": v for k, v in settings.model_dump(exclude={"search_space"}).items()})
             mlflow.log_dict(settings.model_dump(mode="json")["search_space"], "search_space.json")
         trainable = make_trainable(settings, arrays, spec, recipe, storage)
-        results = make_tuner(params, trainable, space, storage, name, uri, parent.info.run_id, resume).fit()
+        results = make_tuner(params, trainable, space, storage, name, uri, parent.info.run_id,
+                             ended if resume else None).fit()
         trials = trial_table(results, settings)
         if (trials.state == "failed").all():
             raise RuntimeError(f"all {len(trials)} tune trials failed; first error: {results.errors[:1]}")

@@ -249,15 +249,17 @@ def printed(log: Path, text: str, process: subprocess.Popen, seconds: float = 30
 
 
 RAY_FORWARDED = re.compile(r"\((?:\w+ )?pid=\d+[^)]*\) ")  # the prefix of a line Ray forwards from a worker
+RAY_CORE_ERROR = re.compile(r"\[\d{4}-\d\d-\d\d [\d:,]+ E \d+ \d+\] ")  # glog: [2026-12-05 10:53:08,639 E 16994 17021]
 
 
 def screen_noise(output: str) -> list[str]:
     """What a healthy run should not print: a line Ray forwarded more than once (compared from its Ray prefix on, so
-    log timestamps before it do not hide a repeat), and DVC's warnings about hashes a pull expects to miss."""
+    log timestamps before it do not hide a repeat), an error-level line of Ray's C++ core, and DVC's warnings about
+    hashes a pull expects to miss."""
     lines = output.splitlines()
     forwarded = Counter(line[found.start():] for line in lines if (found := RAY_FORWARDED.search(line)))
     return ([f"{count} times: {line}" for line, count in forwarded.items() if count > 1]
-            + [line for line in lines if "No file hash info" in line])
+            + [line for line in lines if "No file hash info" in line or RAY_CORE_ERROR.search(line)])
 
 
 def output_tail(process: subprocess.Popen, size: int = 4000) -> str:

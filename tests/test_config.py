@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kiln.core.params import ParamsError, apply_overrides, load_params, validate_params, write_overrides
+from kiln.core.params import ParamsError, apply_overrides, load_params, validate_params
 from kiln.platform.contract import stages
+from kiln.platform.overrides import write_overrides
 from tests.conftest import REPO, TINY_PARAMS
 
 STOCK = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -52,7 +53,7 @@ def test_stock_and_tiny_params_are_valid() -> None:
         ({"train.augmentation.mnist": {}}, "train.augmentation: unknown datasets ['mnist']"),
         ({"train.augmentation.fashion_mnist.crop_padding": 14}, "crop_padding (14) would shift 28-pixel images"),
         ({"prepare.dataset": "digits", "train.augmentation.digits.hflip": True},
-         "train.augmentation.digits.hflip: a mirrored digit is a different symbol"),
+         "train.augmentation.digits.hflip: a mirrored image of digits can change its label"),
         ({"train.augmentation": {"digits": {}}}, "train.augmentation has no entry for prepare.dataset 'fashion_mnist'"),
         ({"tune.scheduler": "pbt", "tune.search": "random"}, "tune.scheduler: pbt perturbs the learning rate mid-run"),
         ({"tune.cpus_per_trial": 64}, "tune.cpus_per_trial: a trial asking for 64 CPUs"),

@@ -5,6 +5,7 @@ other stage; a stage's kiln package imports only the packages it builds on."""
 
 from __future__ import annotations
 
+import ast
 import shlex
 from pathlib import Path
 
@@ -13,9 +14,10 @@ import yaml
 
 from kiln.platform.codebase import imported_modules, stage_files
 from kiln.platform.contract import stages
+from kiln.tune.experiment import TRIAL_KEYS
 
 REPO = Path(__file__).resolve().parents[1]
-KILN_LAYERS = {  # a kiln package -> the kiln packages it may import
+KILN_LAYERS = {  # a kiln package -> the kiln packages it may import, besides any package's catalog module
     "core": {"core"}, "prepare": {"core", "prepare"}, "train": {"core", "train"},
     "tune": {"core", "train", "tune"}, "compress": {"core", "train", "compress"}, "evaluate": {"core", "evaluate"},
     "platform": {"core", "platform"}, "finetune": {"core", "train", "evaluate", "finetune"},
@@ -85,11 +87,27 @@ def test_layers() -> None:
         assert not [m for m in modules if m.split(".")[0] in ("tasks", "flows", "benchmarks")], file
         assert "import prefect" not in file.read_text() and "from prefect" not in file.read_text(), file
         package = file.relative_to(REPO / "kiln").parts[0]
+        if file.stem.endswith("catalog"):  # declarations every layer may read: they import nothing of kiln's
+            assert not [m for m in modules if m.startswith("kiln.")], f"{file.relative_to(REPO)} imports kiln"
         if package in KILN_LAYERS:
-            used = {m.split(".")[1] for m in modules if m.startswith("kiln.") and len(m.split(".")) > 2}
+            used = {m.split(".")[1] for m in modules if m.startswith("kiln.") and len(m.split(".")) > 2
+                    and not m.endswith("catalog")}
             assert used <= KILN_LAYERS[package], f"{file.relative_to(REPO)} imports kiln.{used - KILN_LAYERS[package]}"
     for stage in stages(REPO):
         others = {f"tasks.{other}" for other in stages(REPO) if other != stage}
         assert not imported_modules(REPO / f"tasks/{stage}.py", REPO) & others, f"tasks/{stage}.py imports a stage"
     for file in REPO.glob("benchmarks/*.py"):
         assert not [m for m in imported_modules(file, REPO) if m.startswith("tasks")], f"{file} imports tasks"
+
+
+def test_tune_reruns_when_a_train_key_its_trials_use_changes() -> None:
+    """dvc.yaml's tune params are the train keys a trial uses (TRIAL_KEYS, which also name the Ray Tune experiment), and
+    they cover every train key the recipe reads: a change to any of them re-runs tune."""
+    declared = {key.removeprefix("train.") for key in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["tune"]
+                ["params"] if key.startswith("train.")}
+    assert declared - {"storage_path"} == TRIAL_KEYS  # storage_path: where trials keep checkpoints
+    recipe = ast.parse((REPO / "kiln/train/recipe.py").read_text())
+    read = {node.attr for function in recipe.body if isinstance(function, ast.FunctionDef)
+            and function.name in ("make_recipe", "dataset_augmentation") for node in ast.walk(function)
+            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "train"}
+    assert {"optimizer", "amp", "channels_last", "augmentation"} <= read <= TRIAL_KEYS, read - TRIAL_KEYS

@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from kiln.compress.catalog import BASELINE
 from kiln.core.latency import Timing
 
-BASELINE = "fp32"
 RULE = ("among the variants within {max_drop:g} points of fp32's val accuracy, the fastest (median round at batch "
         "{batch}) of those faster than fp32 in every interleaved timing round but at most one and by {min_speedup:g}x "
         "in the median round (each round's fp32 p50 over the variant's); fp32 if none is (a speed-up inside the timing "

@@ -20,10 +20,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from kiln.compress.catalog import BASELINE, RECOVERED, float_source
 from kiln.compress.onnx_export import export_onnx, quantize_int8
 from kiln.compress.pruning import count_macs, count_parameters
-from kiln.compress.recovery import RECOVERED, recover
-from kiln.compress.select import BASELINE, Selection
+from kiln.compress.recovery import recover
+from kiln.compress.select import Selection
 from kiln.core.inference import Logits, onnx_logits, torch_logits
 from kiln.core.latency import Timing, batch_of, interleaved
 from kiln.core.params import CompressParams, LatencyParams
@@ -31,11 +32,6 @@ from kiln.core.prepared import stratified_head, to_float
 from kiln.train.augment import AugmentSettings
 
 EAGER = ("fp32",)  # float variants also timed in torch eager, for comparison
-
-
-def float_source(variant: str) -> str:
-    """The float variant `variant` is or quantizes: int8 -> fp32, pruned_kd_int8 -> pruned_kd, pruned -> pruned."""
-    return BASELINE if variant == "int8" else variant.removesuffix("_int8")
 
 
 def calibration_images(settings: CompressParams, images: np.ndarray, labels: np.ndarray) -> np.ndarray:

@@ -6,6 +6,7 @@ channels, then any hidden linear widths: compression builds thinner copies of th
 
 from __future__ import annotations
 
+import pkgutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ import torchvision
 from torch import nn
 
 from kiln.core.errors import InputError, reading
-from kiln.core.params import MODELS, TORCHVISION_PREFIX
+from kiln.core.model_catalog import MODELS, TORCHVISION_PREFIX
 from kiln.core.prepared import shared_normalization
 
 PLAIN_CNNS = ("lenet", "compact")
@@ -214,9 +215,8 @@ def build_model(name: str, in_channels: int, num_classes: int, image_size: int, 
                 tasks: dict[str, int] | None = None) -> nn.Module:
     """Build model `name` (one of MODELS, or `torchvision:<name>`) for the given data shape, normalisation first;
     with `tasks` (task -> classes, two or more), its trunk with a head per task (num_classes: their sum)."""
-    families = {"lenet": LeNet, "compact": CompactCNN, "resnet": SmallResNet}
-    if name in families:
-        net = families[name](in_channels, num_classes, image_size, widths, dropout)
+    if name in MODELS:
+        net = pkgutil.resolve_name(MODELS[name])(in_channels, num_classes, image_size, widths, dropout)
     elif name.startswith(TORCHVISION_PREFIX):
         net = torchvision_model(name.removeprefix(TORCHVISION_PREFIX), in_channels, num_classes, image_size, dropout)
     else:

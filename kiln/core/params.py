@@ -1,5 +1,6 @@
-"""The params.yaml schema (every knob of the pipeline, one section per owner), validated before any compute starts,
-and dotted-key overrides written back the way `dvc exp run -S` does."""
+"""The params.yaml schema (every knob of the pipeline, one section per owner), validated before any compute starts.
+Its choices come from the catalogs: datasets (kiln.prepare.catalog), models (kiln.core.model_catalog), compression
+variants (kiln.compress.catalog) and fine-tuning methods (kiln.finetune.catalog)."""
 
 from __future__ import annotations
 
@@ -20,20 +21,15 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from ruamel.yaml import YAML
 
+from kiln.compress.catalog import VARIANTS
 from kiln.core.errors import InputError
-from kiln.core.files import atomic_path
+from kiln.core.model_catalog import MODELS, TORCHVISION_PREFIX
+from kiln.finetune.catalog import ADAPTERS, METHODS
+from kiln.prepare.catalog import DATASETS
 
-DATASETS = ("fashion_mnist", "digits", "cifar10")
-IMAGE_SIDES = {"fashion_mnist": 28, "digits": 8, "cifar10": 32}
-CHANNELS = {"fashion_mnist": 1, "digits": 1, "cifar10": 3}
-MODELS = ("lenet", "compact", "resnet")  # kiln's zoo (kiln.core.models)
-TORCHVISION_PREFIX = "torchvision:"  # or torchvision:<name>, checked against torchvision when training starts
+DatasetName = Literal[tuple(DATASETS)]
 TUNABLE_TRAIN_KEYS = ("lr", "momentum", "weight_decay", "batch_size", "label_smoothing", "dropout")
-COMPRESS_FLOATS = ("fp32", "pruned", "pruned_kd", "distilled", "student")  # kiln.compress.recovery says what each is
-COMPRESS_VARIANTS = ("fp32", "int8", *(f"{name}{suffix}" for name in COMPRESS_FLOATS[1:] for suffix in ("", "_int8"))
-                     )  # `X_int8` is X exported, then int8-quantized
 
 
 class ParamsError(InputError):
@@ -57,7 +53,7 @@ class Strict(BaseModel):
 
 
 class PrepareParams(Strict):
-    dataset: Literal["fashion_mnist", "digits", "cifar10"]
+    dataset: DatasetName
     data_dir: Path = Field(description="Raw files (ignored for digits, which ships with scikit-learn).")
     val_fraction: float = Field(gt=0, lt=0.5)
     test_fraction: float = Field(gt=0, lt=0.5, description="Used only when the dataset has no official test split.")
@@ -67,7 +63,7 @@ class PrepareParams(Strict):
     @property
     def side(self) -> int:
         """The side of the prepared images."""
-        return self.image_side or IMAGE_SIDES[self.dataset]
+        return self.image_side or DATASETS[self.dataset].side
 
 
 class AugmentParams(Strict):
@@ -96,7 +92,7 @@ class AdversarialParams(Strict):
 
 class TrainParams(Strict):
     model: str = Field(description="lenet | compact | resnet | torchvision:<name>")
-    tasks: dict[Literal["fashion_mnist", "digits", "cifar10"], Annotated[float, Field(gt=0)]] = Field(
+    tasks: dict[DatasetName, Annotated[float, Field(gt=0)]] = Field(
         default_factory=dict, description="Multi-task: dataset -> loss weight, two or more; {}: prepare.dataset alone.")
     task_sampling: Literal["proportional", "equal"] = Field(
         "proportional", description="Multi-task batches: each task's share follows its training-set size, or is equal.")
@@ -253,7 +249,7 @@ class TuneParams(Strict):
 
 
 class CompressParams(Strict):
-    variants: list[str] = Field(description="Models to build and measure; see COMPRESS_VARIANTS.")
+    variants: list[str] = Field(description="Models to build and measure (kiln.compress.catalog).")
     calibration_samples: int = Field(ge=1)
     target_macs_ratio: float = Field(gt=0, lt=1, description="Pruned variants and students: MACs over fp32's.")
     prune_rounds: int = Field(ge=1, description="Pruned variants: prune-then-recover steps to reach the target.")
@@ -277,7 +273,7 @@ class CompressParams(Strict):
     @field_validator("variants")
     @classmethod
     def _known_variants(cls, variants: list[str]) -> list[str]:
-        _reject_unknown(variants, COMPRESS_VARIANTS, "unknown variants")
+        _reject_unknown(variants, VARIANTS, "unknown variants")
         missing = [name for name in ("fp32", "int8") if name not in variants]
         if missing:
             raise ValueError(f"must include {missing}: fp32 is the baseline, int8 is models/model_int8.onnx")
@@ -320,8 +316,8 @@ class LatencyParams(Strict):
     warmup_calls: int = Field(ge=0, description="Untimed calls per model before the first round.")
 
 
-FINETUNE_METHODS = ("lora", "adalora", "loha", "ia3", "linear_probe", "full", "scratch")
-ADAPTERS = ("lora", "adalora", "loha", "ia3")  # peft's; the rest are baselines
+MethodName = Literal[tuple(METHODS)]
+AdapterName = Literal[ADAPTERS]
 
 
 class AdapterParams(Strict):
@@ -342,13 +338,13 @@ class FinetuneParams(Strict):
     registered_model: str = Field(min_length=1, description="The registry entry of the fine-tuned model.")
     target: PrepareParams = Field(description="The target dataset, prepared by the finetune_data stage.")
     shots_per_class: int = Field(ge=0, description="Training images per class, stratified and seeded; 0: all.")
-    methods: list[Literal[FINETUNE_METHODS]] = Field(min_length=1, description="Trained and compared.")
+    methods: list[MethodName] = Field(min_length=1, description="Trained and compared.")
     select: str = Field(description="The method whose merged model is written and registered.")
     epochs: int = Field(ge=1)
     batch_size: int = Field(ge=1)
-    lr: dict[Literal[FINETUNE_METHODS], Annotated[float, Field(gt=0)]] = Field(description="Peak rate per method.")
+    lr: dict[MethodName, Annotated[float, Field(gt=0)]] = Field(description="Peak rate per method.")
     weight_decay: float = Field(ge=0)
-    adapters: dict[Literal[ADAPTERS], AdapterParams] = Field(description="Per peft method.")
+    adapters: dict[AdapterName, AdapterParams] = Field(description="Per peft method.")
     num_workers: int = Field(ge=1)
     cpus_per_worker: int = Field(ge=1)
     seed: int = Field(description="The shot draw, shuffling, new heads and scratch weights.")
@@ -412,9 +408,9 @@ class Params(Strict):
             if augment is None:
                 owner = "prepare.dataset" if task == dataset else "the task"
                 raise ValueError(f"train.augmentation has no entry for {owner} {task!r} (an empty {{}} is none)")
-            if augment.hflip and task == "digits":
-                raise ValueError("train.augmentation.digits.hflip: a mirrored digit is a different symbol; set it "
-                                 "false")
+            if augment.hflip and not DATASETS[task].mirror_safe:
+                raise ValueError(f"train.augmentation.{task}.hflip: a mirrored image of {task} can change its label; "
+                                 "set it false")
             if 2 * augment.crop_padding >= side:
                 raise ValueError(f"train.augmentation.{task}.crop_padding ({augment.crop_padding}) would shift "
                                  f"{side}-pixel images by half their side or more; use at most {(side - 1) // 2}")
@@ -436,10 +432,10 @@ def _check_tasks(tasks: Mapping[str, float], primary: str, image_side: int | Non
     counts that differ, or sides that differ without prepare.image_side to bring them to one."""
     if primary not in tasks:
         raise ValueError(f"train.tasks {sorted(tasks)} must include prepare.dataset ({primary!r}), the primary task")
-    channels = {task: CHANNELS[task] for task in tasks}
+    channels = {task: DATASETS[task].channels for task in tasks}
     if len(set(channels.values())) > 1:
         raise ValueError(f"train.tasks: channel counts differ ({channels}); a shared trunk takes one channel count")
-    sides = {task: IMAGE_SIDES[task] for task in tasks}
+    sides = {task: DATASETS[task].side for task in tasks}
     if image_side is None and len(set(sides.values())) > 1:
         raise ValueError(f"train.tasks: image sides differ ({sides}); set prepare.image_side to bring them to one")
 
@@ -513,43 +509,3 @@ def params_hash(params: Params) -> str:
     """A stable sha256 of the validated params, for lineage tags."""
     canonical = json.dumps(params.model_dump(mode="json"), sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
-
-
-def _round_trip_yaml() -> YAML:
-    """ruamel's round-trip YAML that changes nothing it was not asked to: no line wrapping, `null` kept as `null`."""
-    document = YAML()
-    document.width = 4096
-    document.representer.add_representer(
-        type(None), lambda representer, _: representer.represent_scalar("tag:yaml.org,2002:null", "null"))
-    return document
-
-
-def write_overrides(path: Path | str, overrides: Mapping[str, Any]) -> Params:
-    """Validate `overrides`, then write the values that differ into the params file, keeping its comments and layout
-    (like `dvc exp run -S`); a file whose values already match is not touched."""
-    params = load_params(path, overrides)
-    current = read_raw_params(path)
-    changed = {dotted: value for dotted, value in overrides.items() if _lookup(current, dotted) != value}
-    if not changed:
-        return params
-    yaml_file = _round_trip_yaml()
-    document = yaml_file.load(Path(path).read_text())
-    for dotted, value in changed.items():
-        *parents, leaf = dotted.split(".")
-        node = document
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    with atomic_path(path) as tmp, open(tmp, "w") as handle:
-        yaml_file.dump(document, handle)
-    return params
-
-
-def _lookup(raw: Mapping[str, Any], dotted: str) -> Any:
-    """The value at a dotted key, or a sentinel that equals nothing when the key is absent."""
-    node: Any = raw
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping) or part not in node:
-            return object()
-        node = node[part]
-    return node

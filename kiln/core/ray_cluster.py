@@ -15,6 +15,10 @@ def connect() -> None:
     """Start (or join) Ray once per process; quiet, no dashboard for the local case."""
     if ray.is_initialized():
         return
+    # Ray Train's preemption watcher (early notice of a reclaimed spot node) is an actor whose start prints an
+    # error-level "max_restarts > 0" line on every fit (ray-project/ray#53727). kiln restarts a worker group from
+    # its checkpoints when a node goes away, notice or not; set the variable to 1 to have the watcher anyway.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     # Ray's own INFO lines (one per reported result on every Train worker) would bury kiln's progress lines.
     quiet = ray.LoggingConfig(log_level="WARNING")
     # Workers log to MLflow too: the same HTTP retries as this process (the environment's values win).

@@ -83,4 +83,5 @@ def lineage_tags(params: Params, prepared_dir: Path | str) -> dict[str, str]:
         "kiln.git_commit": git_commit(),
         "kiln.data_hash": data_hash(prepared_dir),
         "kiln.params_hash": params_hash(params),
+        "kiln.datasets": ",".join(params.task_weights),  # what the model learns from: a fine-tune target must differ
     }

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import io
+import pkgutil
+from collections.abc import Callable
 from typing import Any
 
 import peft
@@ -14,7 +16,8 @@ import torch
 from torch import nn
 
 from kiln.core.errors import InputError
-from kiln.core.params import ADAPTERS, AdapterParams
+from kiln.core.params import AdapterParams
+from kiln.finetune.catalog import METHODS
 
 ADAPTABLE = (nn.Conv2d, nn.Linear)  # what every peft family here adapts; AdaLoRA takes Linear only
 
@@ -40,7 +43,7 @@ def _matches(name: str, target: str) -> bool:
 
 def check_targets(model: nn.Module, method: str, settings: AdapterParams) -> None:
     """Raise InputError naming finetune.adapters.METHOD.target_modules when a name matches no adaptable layer."""
-    allowed = (nn.Linear,) if method == "adalora" else ADAPTABLE
+    allowed = (nn.Linear,) if METHODS[method].linear_only else ADAPTABLE
     kinds = " or ".join(kind.__name__ for kind in allowed)
     layers = [name for name, module in model.named_modules() if isinstance(module, allowed)]
     for target in settings.target_modules:
@@ -51,36 +54,64 @@ def check_targets(model: nn.Module, method: str, settings: AdapterParams) -> Non
                              f"base ({what}); its {kinds} layers: {', '.join(layers)}")
 
 
-def _config(method: str, settings: AdapterParams, head: str, total_steps: int) -> peft.PeftConfig:
-    common = {"target_modules": settings.target_modules, "modules_to_save": [head]}
-    if method == "lora":
-        return peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout, **common)
-    if method == "adalora":  # ranks are pruned from `rank` to `target_rank` over the middle of training
-        return peft.AdaLoraConfig(init_r=settings.rank, target_r=settings.target_rank, lora_alpha=settings.alpha,
-                                  lora_dropout=settings.dropout, total_step=total_steps, tinit=total_steps // 5,
-                                  tfinal=total_steps // 5, **common)
-    if method == "loha":
-        return peft.LoHaConfig(r=settings.rank, alpha=settings.alpha, module_dropout=settings.dropout, **common)
-    return peft.IA3Config(feedforward_modules=[], **common)
+Builder = Callable[[nn.Module, str, AdapterParams | None, int, int], nn.Module]  # a catalog entry's builder
+
+
+def lora(model: nn.Module, head: str, settings: AdapterParams, seed: int, total_steps: int) -> nn.Module:
+    return _peft(model, seed, peft.LoraConfig(r=settings.rank, lora_alpha=settings.alpha,
+                                              lora_dropout=settings.dropout, **_targets(settings, head)))
+
+
+def adalora(model: nn.Module, head: str, settings: AdapterParams, seed: int, total_steps: int) -> nn.Module:
+    """Ranks are pruned from `rank` to `target_rank` over the middle of training."""
+    return _peft(model, seed, peft.AdaLoraConfig(
+        init_r=settings.rank, target_r=settings.target_rank, lora_alpha=settings.alpha, lora_dropout=settings.dropout,
+        total_step=total_steps, tinit=total_steps // 5, tfinal=total_steps // 5, **_targets(settings, head)))
+
+
+def loha(model: nn.Module, head: str, settings: AdapterParams, seed: int, total_steps: int) -> nn.Module:
+    return _peft(model, seed, peft.LoHaConfig(r=settings.rank, alpha=settings.alpha, module_dropout=settings.dropout,
+                                              **_targets(settings, head)))
+
+
+def ia3(model: nn.Module, head: str, settings: AdapterParams, seed: int, total_steps: int) -> nn.Module:
+    return _peft(model, seed, peft.IA3Config(feedforward_modules=[], **_targets(settings, head)))
+
+
+def linear_probe(model: nn.Module, head: str, settings: None, seed: int, total_steps: int) -> nn.Module:
+    model.requires_grad_(False)
+    model.get_submodule(head).requires_grad_(True)
+    return model
+
+
+def full(model: nn.Module, head: str, settings: None, seed: int, total_steps: int) -> nn.Module:
+    return model
+
+
+def scratch(model: nn.Module, head: str, settings: None, seed: int, total_steps: int) -> nn.Module:
+    torch.manual_seed(seed)
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return model
+
+
+def _targets(settings: AdapterParams, head: str) -> dict[str, Any]:
+    return {"target_modules": settings.target_modules, "modules_to_save": [head]}
+
+
+def _peft(model: nn.Module, seed: int, config: peft.PeftConfig) -> nn.Module:
+    torch.manual_seed(seed)
+    return peft.get_peft_model(model, config)
 
 
 def adapt(base: nn.Module, method: str, num_classes: int, adapters: dict[str, AdapterParams], seed: int,
           total_steps: int) -> nn.Module:
-    """The model `method` trains: `base` with a new head, wrapped by peft or with the right weights trainable."""
+    """The model `method` trains: `base` with a new head, made ready by the method's builder (kiln.finetune.catalog):
+    wrapped by peft, or with the right weights trainable."""
     model = with_new_head(base, num_classes, seed)
-    head = head_name(model)
-    if method in ADAPTERS:
-        torch.manual_seed(seed)
-        return peft.get_peft_model(model, _config(method, adapters[method], head, total_steps))
-    if method == "scratch":
-        torch.manual_seed(seed)
-        for module in model.modules():
-            if hasattr(module, "reset_parameters"):
-                module.reset_parameters()
-    if method == "linear_probe":
-        model.requires_grad_(False)
-        model.get_submodule(head).requires_grad_(True)
-    return model
+    builder: Builder = pkgutil.resolve_name(METHODS[method].builder)
+    return builder(model, head_name(model), adapters.get(method), seed, total_steps)
 
 
 def step_hook(model: nn.Module, method: str) -> Any:

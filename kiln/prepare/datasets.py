@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import pkgutil
 import struct
 import zlib
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from sklearn.model_selection import train_test_split
 from torchvision.datasets import CIFAR10, FashionMNIST
 
 from kiln.core.errors import InputError
+from kiln.prepare.catalog import DATASETS
 
 FASHION_FILES = (
     "train-images-idx3-ubyte",
@@ -94,8 +96,9 @@ def read_fashion_mnist(data_dir: Path) -> RawData:
     return RawData(list(FashionMNIST.classes), parts[0], parts[1], str(files[0].parent))
 
 
-def read_digits() -> RawData:
-    """scikit-learn's bundled 8x8 digits (pixel values 0..16 scaled to 0..255); no official test split."""
+def read_digits(data_dir: Path | None = None) -> RawData:
+    """scikit-learn's bundled 8x8 digits (pixel values 0..16 scaled to 0..255; `data_dir` is not read); no official
+    test split."""
     digits = load_digits()
     images = np.round(digits.images * 255 / 16).astype(np.uint8)[:, None]
     return RawData(
@@ -155,15 +158,10 @@ def validate_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int, na
 
 
 def read_dataset(name: str, data_dir: Path) -> RawData:
-    """Read and validate the dataset `name` (fashion_mnist, digits or cifar10)."""
-    readers = {
-        "fashion_mnist": lambda: read_fashion_mnist(data_dir),
-        "digits": read_digits,
-        "cifar10": lambda: read_cifar10(data_dir),
-    }
-    if name not in readers:
-        raise DatasetError(f"unknown dataset {name!r}; allowed: {', '.join(readers)}")
-    raw = readers[name]()
+    """Read and validate the dataset `name` with its catalog entry's reader (kiln.prepare.catalog)."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    raw = pkgutil.resolve_name(DATASETS[name].reader)(data_dir)
     for part, arrays in (("train", raw.train), ("test", raw.test)):
         if arrays is not None:
             validate_arrays(*arrays, len(raw.classes), f"{name} official {part} part")

@@ -22,7 +22,7 @@ from kiln.tune.trials import TrialTracker, distributed_trial, single_process_tri
 
 TRIAL_KEYS = {"model", "tasks", "task_sampling", "dropout", "batch_size", "optimizer", "lr", "momentum",
               "weight_decay", "schedule", "warmup_epochs", "label_smoothing", "adversarial", "augmentation",
-              "seed"}  # train keys a trial uses
+              "amp", "channels_last", "seed"}  # train keys a trial uses: dvc.yaml's tune params (test_contract)
 
 
 def experiment_name(params: Params, data: Path) -> str:
@@ -74,8 +74,9 @@ class TrialLines(tune.Callback):
               f"{self.max_failures} failures allowed); it restarts from its last checkpoint", flush=True)
 
 
-def close_stale_runs(experiment: str, tune_experiment: str) -> str | None:
-    """Mark runs an interrupted tune stage left RUNNING as KILLED; returns its latest parent run's id, if any."""
+def close_stale_runs(experiment: str, tune_experiment: str) -> tuple[str | None, int]:
+    """Mark runs an earlier tune stage of this experiment left RUNNING as KILLED; returns its latest parent run's id,
+    if any, and how many of its trials ended."""
     client = MlflowClient()
     experiment_id = client.get_experiment_by_name(experiment).experiment_id
     runs = client.search_runs([experiment_id], f"tags.`kiln.tune_experiment` = '{tune_experiment}'",
@@ -83,15 +84,16 @@ def close_stale_runs(experiment: str, tune_experiment: str) -> str | None:
     for stale in (r for r in runs if r.info.status == "RUNNING"):
         client.set_terminated(stale.info.run_id, "KILLED")
     parents = [r.info.run_id for r in runs if r.data.tags.get("kiln.stage") == "tune"]
-    return parents[0] if parents else None
+    return (parents[0] if parents else None), sum("kiln.trial_state" in r.data.tags for r in runs)
 
 
 def make_tuner(params: Params, trainable: Any, space: dict[str, Any], storage: str, name: str, tracking_uri: str,
-               parent_run_id: str, resume: bool) -> tune.Tuner:
-    """A Tuner for the tune section's search and scheduler (or the interrupted one restored), whose trials are child
-    runs of `parent_run_id` and print one line each when they end."""
-    if resume:
-        print(f"tune: resuming interrupted experiment {storage}/{name}")
+               parent_run_id: str, ended: int | None) -> tune.Tuner:
+    """A Tuner for the tune section's search and scheduler, whose trials are child runs of `parent_run_id` and print
+    one line each when they end; or, given the number of trials an earlier run of the experiment `ended`, that one
+    restored: its ended trials are reused and the others continue."""
+    if ended is not None:
+        print(f"tune: reusing {ended} ended trials of {storage}/{name}; the other trials continue", flush=True)
         return tune.Tuner.restore(f"{storage}/{name}", trainable, resume_errored=True)
     settings = params.tune
     # Ray's new output engine prints a configuration box whatever `verbose` says; the legacy one is silent at
