@@ -7,7 +7,6 @@ their last checkpoint, and the stale MLflow runs are marked KILLED.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +15,12 @@ from ray import tune
 
 from kiln.core import ray_cluster
 from kiln.core.errors import InputError
-from kiln.core.files import atomic_path, write_json
+from kiln.core.files import write_json
 from kiln.core.models import model_spec
 from kiln.core.multitask import load_tasks
 from kiln.core.params import TUNABLE_TRAIN_KEYS, Params
 from kiln.core.prepared import stratified_head
-from kiln.core.tracking import lineage_tags, use_experiment
+from kiln.core.stage import open_stage, reports_together, stage_run
 from kiln.train.recipe import make_recipe
 from kiln.tune import search
 from kiln.tune.experiment import close_stale_runs, experiment_name, make_trainable, make_tuner
@@ -46,13 +45,10 @@ def run(params: Params, data: Path, best_config: Path, reports: Path) -> dict[st
     space = {**{key: getattr(train, key) for key in FIXED_KEYS}, **search.param_space(settings)}
     name, storage = experiment_name(params, data), ray_cluster.storage_uri(train.storage_path)
 
-    uri = use_experiment(params.tracking.experiment)
-    ray_cluster.connect()
-    ray_cluster.require(settings.cpus_per_trial * settings.workers_per_trial, "a tune trial")
+    uri = open_stage(params, (settings.cpus_per_trial * settings.workers_per_trial, "a tune trial"))
     parent_id, ended = close_stale_runs(params.tracking.experiment, name)
     resume = parent_id is not None and tune.Tuner.can_restore(f"{storage}/{name}")
-    tags = {"kiln.stage": "tune", "kiln.tune_experiment": name, **lineage_tags(params, data)}
-    with mlflow.start_run(**(dict(run_id=parent_id) if resume else dict(run_name="tune", tags=tags))) as parent:
+    with stage_run("tune", params, data, parent_id if resume else None, {"kiln.tune_experiment": name}) as parent:
         if not resume:
             mlflow.log_params({f"tune.{k}": v for k, v in settings.model_dump(exclude={"search_space"}).items()})
             mlflow.log_dict(settings.model_dump(mode="json")["search_space"], "search_space.json")
@@ -68,8 +64,7 @@ def run(params: Params, data: Path, best_config: Path, reports: Path) -> dict[st
         metrics = summary(trials, curve, float(best.metrics[settings.metric]), settings)
         mlflow.log_metrics(metrics)
         mlflow.log_params({f"best.{k}": v for k, v in hyperparameters.items()})
-        with ExitStack() as stack:  # the reports move into place together
-            out = {key: stack.enter_context(atomic_path(reports / file)) for key, file in REPORTS.items()}
+        with reports_together(reports, REPORTS) as out:
             write_reports(out, trials, curve, metrics, settings)
             for key in ("scatter", "curve_plot"):
                 mlflow.log_artifact(str(out[key]))

@@ -25,10 +25,12 @@ KILN_LAYERS = {  # a kiln package -> the kiln packages it may import, besides an
 
 
 def missing_code_deps(stage: str, root: Path = REPO) -> list[str]:
-    """Project files the stage's command imports that none of its deps (a file or a folder) covers."""
+    """Project files the stage's command imports that none of its deps (a file or a folder) covers. A catalog module
+    is not counted: a stage outside its package reads it only to validate params (as it reads every params section,
+    and re-runs only for the sections dvc.yaml names), and the stages of its package depend on the package."""
     declared = stages(root)[stage].deps
-    return sorted(str(file) for file in stage_files(stage, root)
-                  if not any(file == dep or dep in file.parents for dep in declared))
+    return sorted(str(file) for file in stage_files(stage, root) if not file.stem.endswith("catalog")
+                  and not any(file == dep or dep in file.parents for dep in declared))
 
 
 def unused_code_deps(stage: str, root: Path = REPO) -> list[str]:
