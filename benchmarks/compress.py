@@ -26,7 +26,7 @@ import typer
 
 from benchmarks.report import machine, measured_code, write_results, write_section
 from benchmarks.stages import run_stage
-from kiln.compress.recovery import recover
+from kiln.compress.recovery import MAX_FAILURES, recover
 from kiln.core import ray_cluster
 from kiln.core.inference import accuracy, onnx_logits, torch_logits
 from kiln.core.latency import batch_of, interleaved
@@ -34,7 +34,7 @@ from kiln.core.models import load_trained_model
 from kiln.core.params import LatencyParams, read_raw_params, validate_params
 from kiln.core.prepared import load_split, read_manifest, to_float
 from kiln.platform.contract import stage_path
-from kiln.train.recipe import dataset_augmentation
+from kiln.train.job import RayJob
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 64)
@@ -86,13 +86,14 @@ def kd_gain(model: Path, prepared: Path, work: Path) -> dict[str, Any]:
     x_test, y_test = load_split(prepared, "test")
     data = {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": y_val}
     params = validate_params(read_raw_params(ROOT / "params.yaml"))
-    stock, augment = params.compress, dataset_augmentation(params.train, read_manifest(prepared)["dataset"])
+    stock, augment = params.compress, params.train.augmentation[read_manifest(prepared)["dataset"]]
     ray_cluster.connect()
     scores: dict[str, list[float]] = {"distilled": [], "student": []}
     for seed in SEEDS:
         settings = stock.model_copy(update={"seed": seed})
-        models = recover(trained, saved["spec"], ["distilled", "student"], settings, augment, data,
-                         str(work / "ray_results"), f"bench-kd-{seed}", "", {})
+        job = RayJob(str(work / "ray_results"), f"bench-kd-{seed}", settings.num_workers, settings.cpus_per_worker,
+                     use_gpu=False, max_failures=MAX_FAILURES)
+        models = recover(trained, saved["spec"], ["distilled", "student"], settings, augment, data, job)
         for name, net in models.items():
             scores[name].append(accuracy(torch_logits(net), to_float(x_test), y_test))
     ray.shutdown()

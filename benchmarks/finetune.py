@@ -34,6 +34,7 @@ from kiln.core.prepared import per_class, stratified_head, to_float
 from kiln.finetune.training import finetune
 from kiln.platform.contract import stage_path
 from kiln.prepare.datasets import read_digits, resized
+from kiln.train.job import RayJob
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = (10, 50)
@@ -58,8 +59,9 @@ def run_seed(base: Any, spec: dict, images: np.ndarray, labels: np.ndarray, shot
     rest = np.setdiff1d(np.arange(len(labels)), chosen)
     shown = rest[stratified_head(labels[rest], VAL_IMAGES, seed)]  # the progress lines' validation: a sample
     data = {"x_train": images[chosen], "y_train": labels[chosen], "x_val": images[shown], "y_val": labels[shown]}
-    tuned = finetune(base, spec, 10, settings, data, str(work / "ray_results"), f"bench-finetune-{shots}-{seed}", "",
-                     dict.fromkeys(settings.methods, ""), 0)
+    job = RayJob(str(work / "ray_results"), f"bench-finetune-{shots}-{seed}", settings.num_workers,
+                 settings.cpus_per_worker, use_gpu=False, max_failures=0)
+    tuned = finetune(base, spec, 10, settings, data, job)
     figures = {}
     for method, result in tuned.items():
         figures[method] = {"accuracy": accuracy(torch_logits(result.model), to_float(images[rest]), labels[rest]),

@@ -29,11 +29,11 @@ from kiln.compress.onnx_export import export_onnx, quantize_int8
 from kiln.core.inference import onnx_logits, torch_logits
 from kiln.core.latency import interleaved
 from kiln.core.models import Normalize, build_model, conv_bn, model_spec
-from kiln.core.params import LatencyParams
+from kiln.core.params import AugmentParams, LatencyParams
 from kiln.core.prepared import load_split, read_manifest, to_float
 from kiln.platform.contract import stage_path
 from kiln.train.loop import train_epoch
-from kiln.train.recipe import make_loader, seed_everything
+from kiln.train.recipe import Recipe, make_loader, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,9 +60,12 @@ def train_images_per_second(model: nn.Module, x: np.ndarray, y: np.ndarray) -> f
     """The bare loop's second epoch over `x` (plain SGD steps, batch 128, all cores)."""
     loader = make_loader(x, y, 128, True, 0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
-    train_epoch(model, loader, optimizer)
+    plain = Recipe(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=0.0, schedule="constant", warmup_epochs=0.0,
+                   label_smoothing=0.0, augment=AugmentParams(), adversarial="none", adversarial_epsilon=0.0,
+                   adversarial_ratio=0.0, pgd_steps=3, amp="none", channels_last=False)
+    train_epoch(model, loader, optimizer, plain)
     started = time.perf_counter()
-    stats = train_epoch(model, loader, optimizer)
+    stats = train_epoch(model, loader, optimizer, plain)
     return stats.images / (time.perf_counter() - started)
 
 

@@ -30,10 +30,11 @@ import typer
 from benchmarks.report import machine, measured_code, write_results, write_section
 from benchmarks.stages import run_stage
 from kiln.core.models import build_model, load_trained_model, model_spec
-from kiln.core.params import Params, apply_overrides, read_raw_params, validate_params
+from kiln.core.params import EarlyStoppingParams, Params, apply_overrides, read_raw_params, validate_params
 from kiln.core.prepared import load_split, read_manifest
 from kiln.platform.contract import stage_path
-from kiln.train.distributed import fit, train_worker
+from kiln.train.distributed import TrainConfig, train_worker
+from kiln.train.job import RayJob, fit
 from kiln.train.loop import VAL_BATCH, train_epoch, validate
 from kiln.train.recipe import make_loader, make_optimizer, make_recipe, make_scheduler, seed_everything
 
@@ -55,13 +56,14 @@ def bare_images_per_second(data: dict[str, Any], spec: dict[str, Any], params: P
     return stats.images / seconds
 
 
-def ray_images_per_second(data: ray.ObjectRef, spec: dict[str, Any], params: Params, epochs: int, workers: int,
+def ray_images_per_second(data: dict[str, Any], spec: dict[str, Any], params: Params, epochs: int, workers: int,
                           cpus_per_worker: int, storage: Path) -> float:
     """Ray Train (DDP) on `workers` workers: the last epoch's images/s over all workers, timed inside the loop."""
-    config = {"data": data, "spec": spec, "recipe": make_recipe(params.train, params.prepare.dataset),
-              "batch_size": params.train.batch_size, "epochs": epochs, "seed": 0, "early_stopping": {"patience": 0}}
-    name = f"bench-{workers}x{cpus_per_worker}-{time.time_ns()}"
-    state = fit(train_worker, config, workers, cpus_per_worker, False, str(storage), name, max_failures=0)
+    config = TrainConfig(spec, make_recipe(params.train, params.prepare.dataset), params.train.batch_size, epochs, 0,
+                         EarlyStoppingParams())
+    job = RayJob(str(storage), f"bench-{workers}x{cpus_per_worker}-{time.time_ns()}", workers, cpus_per_worker,
+                 use_gpu=False, max_failures=0)
+    state = fit(job, train_worker, config, data)
     return state["history"][-1]["images_per_second"]
 
 
@@ -71,15 +73,14 @@ def throughput(params: Params, prepared: Path, samples: int, epochs: int, rounds
     data = {"x_train": x_train[:samples], "y_train": y_train[:samples], "x_val": x_train[:512], "y_val": y_train[:512]}
     spec = model_spec(params.train.model, read_manifest(prepared), params.train.dropout)
     cores = os.cpu_count() or 1
-    ref = ray.put(data)
     runs: dict[str, list[float]] = {"bare": [], "ray_1_worker": [], "ray_2_workers": []}
     # The bare loop runs in a fresh process holding only torch and kiln's loop: in this driver, libraries imported
     # for Ray and MLflow bring their own thread pools, which slowed torch by ~15% when tried.
     bare = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     for index in range(rounds):
         runs["bare"].append(bare.submit(bare_images_per_second, data, spec, params, epochs).result())
-        runs["ray_1_worker"].append(ray_images_per_second(ref, spec, params, epochs, 1, cores, storage))
-        runs["ray_2_workers"].append(ray_images_per_second(ref, spec, params, epochs, 2, max(1, cores // 2), storage))
+        runs["ray_1_worker"].append(ray_images_per_second(data, spec, params, epochs, 1, cores, storage))
+        runs["ray_2_workers"].append(ray_images_per_second(data, spec, params, epochs, 2, max(1, cores // 2), storage))
         print(f"bench: round {index + 1}/{rounds}: " + ", ".join(f"{k} {v[-1]:.0f} img/s" for k, v in runs.items()),
               flush=True)
     bare.shutdown()

@@ -19,6 +19,7 @@ import mlflow
 import ray
 
 from kiln.compress.plots import save_tradeoff
+from kiln.compress.recovery import MAX_FAILURES
 from kiln.compress.select import Selection, select_deployable
 from kiln.compress.variants import (
     build_float_models,
@@ -37,7 +38,7 @@ from kiln.core.models import load_trained_model, task_heads
 from kiln.core.multitask import load_tasks
 from kiln.core.params import Params
 from kiln.core.tracking import lineage_tags, use_experiment
-from kiln.train.recipe import dataset_augmentation
+from kiln.train.job import RayJob
 
 ONNX_FILES = {"fp32": "model_fp32.onnx", "int8": "model_int8.onnx", "deployable": "deployable.onnx"}
 SELECTION_KEYS = ("val_accuracy", "accuracy_drop_points", "macs_reduction", "batched_p50_ms", "speedup_vs_fp32",
@@ -64,11 +65,11 @@ def run(params: Params, model: Path, data: Path, onnx_dir: Path, reports: Path) 
     tags = lineage_tags(params, data)
     with mlflow.start_run(run_name="compress", tags={**tags, "kiln.stage": "compress"}) as parent:
         runs = variant_runs(settings.variants, tags)
-        floats = build_float_models(
-            trained, saved["spec"], settings, dataset_augmentation(params.train, params.prepare.dataset),
-            tasks.arrays(),
-            ray_cluster.storage_uri(params.train.storage_path), f"compress-{parent.info.run_id}",
-            mlflow.get_tracking_uri(), runs)
+        job = RayJob(ray_cluster.storage_uri(params.train.storage_path), f"compress-{parent.info.run_id}",
+                     settings.num_workers, settings.cpus_per_worker, False, MAX_FAILURES, mlflow.get_tracking_uri(),
+                     runs)
+        floats = build_float_models(trained, saved["spec"], settings,
+                                    params.train.augmentation[params.prepare.dataset], tasks.arrays(), job)
         ray.shutdown()  # Ray's idle processes would share the CPUs with the latency rounds below
         with tempfile.TemporaryDirectory(prefix="kiln-compress-") as tmp:
             files = export_variants(floats, settings.variants, images[:2], calibration, Path(tmp))

@@ -38,6 +38,7 @@ from kiln.finetune.base import Base, load_base
 from kiln.finetune.methods import check_targets
 from kiln.finetune.report import markdown, save_accuracy_plot
 from kiln.finetune.training import Tuned, finetune
+from kiln.train.job import RayJob
 
 REPORTS = {"metrics": "metrics.json", "methods": "methods.json", "table": "methods.md", "curve": "methods.csv",
            "plot": "methods.png", "registration": "registration.json"}
@@ -102,10 +103,11 @@ def run(params: Params, base: Path, data: Path, model: Path, onnx_model: Path, r
                 mlflow.log_params({"method": method, "lr": settings.lr[method],
                                    **(settings.adapters[method].model_dump() if method in ADAPTERS else {})})
                 runs[method] = child.info.run_id
+        job = RayJob(ray_cluster.storage_uri(params.train.storage_path), f"finetune-{parent.info.run_id}",
+                     settings.num_workers, settings.cpus_per_worker, False, params.train.max_failures,
+                     mlflow.get_tracking_uri(), runs)
         tuned = finetune(origin.model, origin.saved["spec"], num_classes, settings,
-                         {"x_train": x_train[shots], "y_train": y_train[shots], "x_val": x_val, "y_val": y_val},
-                         ray_cluster.storage_uri(params.train.storage_path), f"finetune-{parent.info.run_id}",
-                         mlflow.get_tracking_uri(), runs, params.train.max_failures)
+                         {"x_train": x_train[shots], "y_train": y_train[shots], "x_val": x_val, "y_val": y_val}, job)
         rows = [method_row(method, result, x_test, y_test) for method, result in tuned.items()]
         for row in rows:
             with mlflow.start_run(run_id=runs[row["method"]], nested=True):

@@ -21,12 +21,11 @@ from kiln.core.multitask import load_tasks
 from kiln.core.params import Params
 from kiln.core.prepared import MANIFEST
 from kiln.core.tracking import lineage_tags, use_experiment
-from kiln.train.distributed import fit, train_worker
+from kiln.train.distributed import train_config, train_worker
+from kiln.train.job import RayJob, fit
 from kiln.train.plots import save_learning_curves
 from kiln.train.recipe import make_recipe, tuned_hyperparameters
 from kiln.train.resume import DRIVER_TAG, KEY_TAG, claim_run, forget, run_name, this_driver
-
-MODES = {"val_accuracy": "max", "val_loss": "min"}
 
 
 def run(params: Params, data: Path, best_config: Path, model: Path, reports: Path) -> dict[str, float]:
@@ -59,15 +58,11 @@ def run(params: Params, data: Path, best_config: Path, model: Path, reports: Pat
             **lineage_tags(params, data)}) as run:
         mlflow.log_params({**settings.model_dump(exclude={"augmentation"}), **hyperparameters,
                            "augmentation": recipe.augment})
-        config = {
-            "data": ray.put(tasks.arrays()),
-            "initial_state": None if start is None else ray.put(start), "spec": spec, "recipe": recipe,
-            "batch_size": int(hyperparameters["batch_size"]), "epochs": settings.epochs, "seed": settings.seed,
-            "early_stopping": settings.early_stopping.model_dump() | {"mode": MODES[settings.early_stopping.metric]},
-            "tracking_uri": mlflow.get_tracking_uri(), "mlflow_run_id": run.info.run_id,
-        }
-        state = fit(train_worker, config, settings.num_workers, settings.cpus_per_worker, settings.use_gpu, storage,
-                    name, settings.max_failures)
+        config = train_config(spec, recipe, {**hyperparameters, "seed": settings.seed}, settings.epochs,
+                              settings.early_stopping, None if start is None else ray.put(start))
+        job = RayJob(storage, name, settings.num_workers, settings.cpus_per_worker, settings.use_gpu,
+                     settings.max_failures, mlflow.get_tracking_uri(), {"train": run.info.run_id})
+        state = fit(job, train_worker, config, tasks.arrays())
         history = state["history"]
         keep_best = settings.early_stopping.patience > 0
         kept = state["early_stopping"]["best_epoch"] if keep_best else history[-1]["epoch"]

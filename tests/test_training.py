@@ -4,11 +4,13 @@ stopping, starting weights, channel pruning of the CPU CNN, and the train stage'
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -16,9 +18,9 @@ import yaml
 
 from kiln.core.adversarial import fgsm, pgd
 from kiln.core.models import build_model, check_fits, load_weights
-from kiln.core.params import MODELS, apply_overrides, validate_params
+from kiln.core.params import AugmentParams, MODELS, apply_overrides, validate_params
 from kiln.platform.contract import stages
-from kiln.train.augment import AugmentSettings, augment, random_crop, random_erasing
+from kiln.train.augment import augment, random_crop, random_erasing
 from kiln.train.checkpoint import restore, training_state
 from kiln.train.loop import EarlyStopping, Hooks, Progress, run_epochs, train_epoch
 from kiln.train.recipe import (
@@ -30,6 +32,15 @@ from kiln.train.recipe import (
     make_scheduler,
 )
 from tests.conftest import REPO, TINY_PARAMS, repo_env
+
+
+def plain(**fields: Any) -> Recipe:
+    """A recipe stating every field (SGD at 0.05, constant rate, no augmentation, smoothing or adversarial examples),
+    with `fields` in place."""
+    return dataclasses.replace(Recipe(
+        optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=1e-4, schedule="constant", warmup_epochs=0.0,
+        label_smoothing=0.0, augment=AugmentParams(), adversarial="none", adversarial_epsilon=0.0,
+        adversarial_ratio=0.0, pgd_steps=3, amp="none", channels_last=False), **fields)
 
 
 def test_zoo_models_fit_grey_28_and_colour_32_images() -> None:
@@ -59,13 +70,13 @@ def test_local_weights_load_by_name_and_shape(tmp_path: Path) -> None:
 def test_augmentation_changes_images_and_off_is_identity() -> None:
     torch.manual_seed(0)
     images = torch.rand(64, 1, 28, 28)
-    assert torch.equal(augment(images, AugmentSettings()), images) and not AugmentSettings().active
+    assert augment(images, AugmentParams()) is images
     shifted = random_crop(images, 2)
     assert shifted.shape == images.shape and not torch.equal(shifted, images)
     erased = random_erasing(torch.ones(400, 1, 28, 28), 0.5)
     hit = (erased == 0).flatten(1).any(1).float().mean()
     assert 0.4 < hit < 0.6, "about half the images lose a rectangle"
-    full = AugmentSettings(crop_padding=2, hflip=True, rotation=15, translate=0.1, scale=0.1, erasing=0.5)
+    full = AugmentParams(crop_padding=2, hflip=True, rotation=15, translate=0.1, scale=0.1, erasing=0.5)
     out = augment(images, full)
     assert out.shape == images.shape and out.min() >= 0 and out.max() <= 1
 
@@ -73,7 +84,7 @@ def test_augmentation_changes_images_and_off_is_identity() -> None:
 def test_one_cycle_and_cosine_warm_up_shape_the_rate() -> None:
     model = torch.nn.Linear(4, 2)
     for schedule in ("onecycle", "cosine"):
-        recipe = Recipe(lr=0.1, schedule=schedule, warmup_epochs=1)
+        recipe = plain(lr=0.1, schedule=schedule, warmup_epochs=1)
         optimizer = make_optimizer(model, recipe)
         scheduler = make_scheduler(optimizer, recipe, epochs=4, steps_per_epoch=10)
         rates = []
@@ -84,14 +95,14 @@ def test_one_cycle_and_cosine_warm_up_shape_the_rate() -> None:
         peak = max(range(40), key=rates.__getitem__)
         assert rates[0] < 0.05 and 0.09 < rates[peak] <= 0.1 + 1e-9 and rates[-1] < 0.01, schedule
         assert 5 <= peak <= 15, f"{schedule} peaks after its warm-up"
-    assert make_scheduler(optimizer, Recipe(schedule="constant"), 4, 10) is None
+    assert make_scheduler(optimizer, plain(schedule="constant"), 4, 10) is None
 
 
 @pytest.mark.parametrize("optimizer_name", ["sgd", "adamw"])
 def test_one_cycle_cycles_the_recipes_momentum(optimizer_name: str) -> None:
     """The tuned momentum reaches the optimiser: one-cycle dips it by 0.1 at the peak rate instead of replacing it
     with PyTorch's default 0.85-0.95."""
-    recipe = Recipe(optimizer=optimizer_name, lr=0.1, momentum=0.8, schedule="onecycle")
+    recipe = plain(optimizer=optimizer_name, lr=0.1, momentum=0.8, schedule="onecycle")
     optimizer = make_optimizer(torch.nn.Linear(4, 2), recipe)
     scheduler = make_scheduler(optimizer, recipe, epochs=4, steps_per_epoch=10)
     momenta = []
@@ -106,10 +117,10 @@ def test_one_cycle_cycles_the_recipes_momentum(optimizer_name: str) -> None:
 def test_optimizers_decay_weights_only_and_take_perturbed_values() -> None:
     model = build_model("compact", 1, 10, 28, [0.5], [0.25])
     for name in ("sgd", "adamw"):
-        optimizer = make_optimizer(model, Recipe(optimizer=name, weight_decay=0.01))
+        optimizer = make_optimizer(model, plain(optimizer=name, weight_decay=0.01))
         assert [group["weight_decay"] for group in optimizer.param_groups] == [0.01, 0.0]
         assert all(p.ndim > 1 for p in optimizer.param_groups[0]["params"])
-        apply_hyperparameters(optimizer, Recipe(lr=0.3, momentum=0.5, weight_decay=0.02))
+        apply_hyperparameters(optimizer, plain(lr=0.3, momentum=0.5, weight_decay=0.02))
         assert [group["weight_decay"] for group in optimizer.param_groups] == [0.02, 0.0]
         assert optimizer.param_groups[1]["lr"] == 0.3
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["betas"][0] == 0.5
@@ -124,7 +135,7 @@ def trained(prepared: Path) -> tuple[torch.nn.Module, torch.utils.data.DataLoade
     torch.manual_seed(0)
     model = build_model("compact", 1, 10, 8, **manifest["normalization"])
     loader = make_loader(*load_split(prepared, "train"), 64, True, 0)
-    recipe = Recipe(lr=0.05, schedule="onecycle")
+    recipe = plain(lr=0.05, schedule="onecycle")
     optimizer = make_optimizer(model, recipe)
     scheduler = make_scheduler(optimizer, recipe, 3, len(loader))
     for _ in range(3):
@@ -146,7 +157,7 @@ def test_adversarial_training_runs_and_reports_the_mixed_batch(trained: tuple) -
     model, loader = trained
     images, labels = loader.dataset.tensors
     small = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images[:256], labels[:256]), batch_size=64)
-    recipe = Recipe(lr=0.01, adversarial="pgd", adversarial_epsilon=0.1, adversarial_ratio=0.5, pgd_steps=2)
+    recipe = plain(lr=0.01, adversarial="pgd", adversarial_epsilon=0.1, adversarial_ratio=0.5, pgd_steps=2)
     model = copy.deepcopy(model)  # the fixture's model stays as trained
     stats = train_epoch(model, small, make_optimizer(model, recipe), recipe)
     assert stats.images == 256 and 0 < stats.accuracy < 1
@@ -175,7 +186,7 @@ def fresh(recipe: Recipe, epochs: int, loader: torch.utils.data.DataLoader) -> t
 
 
 def test_one_loop_resumed_from_its_checkpoint_matches_an_uninterrupted_run() -> None:
-    recipe, loader = Recipe(lr=0.05, schedule="onecycle", augment=AugmentSettings(crop_padding=1)), digits_loader()
+    recipe, loader = plain(lr=0.05, schedule="onecycle", augment=AugmentParams(crop_padding=1)), digits_loader()
     val = digits_loader(512, shuffle=False)
     model, optimizer, scheduler = fresh(recipe, 4, loader)
     whole = run_epochs(model, optimizer, loader, 4, recipe, val_loader=val, scheduler=scheduler, seed=7)
@@ -194,7 +205,7 @@ def test_one_loop_resumed_from_its_checkpoint_matches_an_uninterrupted_run() -> 
 
 
 def test_hooks_replace_the_loss_and_see_every_step() -> None:
-    loader, recipe = digits_loader(), Recipe(momentum=0.0, weight_decay=0.0)
+    loader, recipe = digits_loader(), plain(momentum=0.0, weight_decay=0.0)
     model, optimizer, _ = fresh(recipe, 2, loader)
     before = [value.clone() for value in model.parameters()]
     steps = []
@@ -214,9 +225,9 @@ def test_hooks_replace_the_loss_and_see_every_step() -> None:
 
 def test_a_diverging_run_fails_naming_the_epoch() -> None:
     loader = digits_loader()
-    model, optimizer, _ = fresh(Recipe(), 1, loader)
+    model, optimizer, _ = fresh(plain(), 1, loader)
     with pytest.raises(FloatingPointError, match="diverged at epoch 1"):
-        run_epochs(model, optimizer, loader, 1, Recipe(),
+        run_epochs(model, optimizer, loader, 1, plain(),
                    hooks=Hooks(loss=lambda logits, images, labels: logits.sum() * float("nan")))
     assert Progress().epoch == 0
 
@@ -224,7 +235,8 @@ def test_a_diverging_run_fails_naming_the_epoch() -> None:
 def test_recipe_comes_from_params_with_tuned_values_first() -> None:
     params = validate_params(apply_overrides(TINY_PARAMS, {"train.augmentation.digits": {"rotation": 5}}))
     recipe = make_recipe(params.train, "digits", {"lr": 0.3, "batch_size": 16, "dropout": 0.2})
-    assert recipe.lr == 0.3 and recipe.augment == AugmentSettings(rotation=5)
+    assert recipe.lr == 0.3 and recipe.augment == AugmentParams(rotation=5)
+    assert recipe.weight_decay == params.train.weight_decay, "params.yaml's, not a default of Recipe's"
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

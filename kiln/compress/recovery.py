@@ -14,14 +14,11 @@ holding the finished variants and the current one's weights, so a dead worker co
 from __future__ import annotations
 
 import copy
-import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import ray
-import ray.train
 import ray.train.torch
 import torch
 from torch import nn
@@ -31,13 +28,11 @@ from kiln.compress.distillation import distillation_loss
 from kiln.compress.pruning import count_macs, prune_to_macs, resized, round_targets, thinned
 from kiln.core.errors import InputError
 from kiln.core.models import build_model
-from kiln.core.params import CompressParams
+from kiln.core.params import AugmentParams, CompressParams
 from kiln.core.prepared import to_float
-from kiln.train.augment import AugmentSettings
-from kiln.train.checkpoint import load, save
-from kiln.train.distributed import EpochLog, epoch_logger, fit, shuffled_loader
-from kiln.train.loop import VAL_BATCH, Hooks, Loss, Progress, run_epochs, unwrap
-from kiln.train.recipe import Recipe, make_loader, make_optimizer, make_scheduler, seed_everything
+from kiln.train.job import EpochLog, RayJob, WorkerContext, fit
+from kiln.train.loop import Hooks, Loss, Progress, run_epochs, unwrap
+from kiln.train.recipe import Recipe, make_optimizer, make_scheduler, seed_everything
 
 PRUNED = ("pruned", "pruned_kd")  # start from the trained weights
 STUDENTS = ("distilled", "student")  # start from fresh weights
@@ -58,14 +53,18 @@ class Plan:
     recipe: Recipe
 
 
-def plan(variant: str, settings: CompressParams, augment: AugmentSettings) -> Plan:
-    """The rounds, epochs and recipe of `variant`; `augment` is the training data's augmentation, as the train stage
-    used it."""
-    if variant in PRUNED:
-        return Plan(variant, settings.prune_rounds, settings.recovery_epochs,
-                    Recipe(lr=settings.recovery_lr, weight_decay=WEIGHT_DECAY, schedule="cosine", augment=augment))
-    return Plan(variant, 1, settings.student_epochs,
-                Recipe(lr=settings.student_lr, weight_decay=WEIGHT_DECAY, schedule="onecycle", augment=augment))
+def plan(variant: str, settings: CompressParams, augment: AugmentParams) -> Plan:
+    """The rounds, epochs and recipe of `variant`: SGD on the labels (or the teacher's logits), cosine from
+    `recovery_lr` for a pruned variant, one-cycle from `student_lr` for a student; `augment` is the training data's
+    augmentation, as the train stage used it."""
+    pruned = variant in PRUNED
+    recipe = Recipe(optimizer="sgd", lr=settings.recovery_lr if pruned else settings.student_lr, momentum=0.9,
+                    weight_decay=WEIGHT_DECAY, schedule="cosine" if pruned else "onecycle", warmup_epochs=0.0,
+                    label_smoothing=0.0, augment=augment, adversarial="none", adversarial_epsilon=0.0,
+                    adversarial_ratio=0.0, pgd_steps=3, amp="none", channels_last=False)
+    if pruned:
+        return Plan(variant, settings.prune_rounds, settings.recovery_epochs, recipe)
+    return Plan(variant, 1, settings.student_epochs, recipe)
 
 
 def _starting_model(variant: str, teacher: nn.Module, example: torch.Tensor, target_macs: float,
@@ -83,11 +82,23 @@ def _progress_line(step: Plan, round_index: int, macs_ratio: float, metrics: dic
             f"{metrics['images_per_second']:.0f} img/s")
 
 
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """What a recovery worker trains: `variants` of the trained model (`spec`, the `teacher` weights) as `settings`
+    say, on training data augmented by `augment`."""
+
+    spec: dict[str, Any]
+    teacher: ray.ObjectRef
+    variants: list[str]
+    settings: CompressParams
+    augment: AugmentParams
+
+
 @dataclass
 class Worker:
     """What one Ray Train worker holds across variants and rounds."""
 
-    rank: int
+    context: WorkerContext
     settings: CompressParams
     train_loader: DataLoader
     val_loader: DataLoader
@@ -105,19 +116,18 @@ class Worker:
         def report(metrics: dict[str, float], progress: Progress) -> None:
             row = {**metrics, "round": round_index, "macs_ratio": macs_ratio, "epoch": len(history) + 1}
             history.append(row)
-            saved = None
-            with tempfile.TemporaryDirectory() as folder:
-                if self.rank == 0:
-                    print(_progress_line(step, round_index, macs_ratio, metrics), flush=True)
-                    if log:  # prefixed: the variant's run also holds its measured row (val_accuracy, ...)
-                        log({f"recovery/{key}": value for key, value in row.items()}, int(row["epoch"]))
-                    if progress.epoch == step.epochs:  # the round's end
-                        self.finish_round(step, round_index, unwrap(ddp), history)
-                        saved = ray.train.Checkpoint.from_directory(save(folder, self.state))
-                ray.train.report({"variant": step.variant, **row}, checkpoint=saved)
+            state = None
+            if self.context.rank == 0:
+                print(_progress_line(step, round_index, macs_ratio, metrics), flush=True)
+                if log:  # prefixed: the variant's run also holds its measured row (val_accuracy, ...)
+                    log({f"recovery/{key}": value for key, value in row.items()}, int(row["epoch"]))
+                if progress.epoch == step.epochs:  # the round's end
+                    self.finish_round(step, round_index, unwrap(ddp), history)
+                    state = self.state
+            self.context.report({"variant": step.variant, **row}, state)
 
         run_epochs(ddp, optimizer, self.train_loader, step.epochs, step.recipe, val_loader=self.val_loader,
-                   scheduler=scheduler, seed=self.settings.seed + round_index, rank=self.rank,
+                   scheduler=scheduler, seed=self.settings.seed + round_index, rank=self.context.rank,
                    hooks=Hooks(loss=self.teach if step.variant in TAUGHT else None, on_epoch=report))
         return copy.deepcopy(unwrap(ddp))  # fresh parameters for the next round's DDP wrapper
 
@@ -129,37 +139,31 @@ class Worker:
             self.state["current"] = {"variant": step.variant, "round": round_index, **finished}
 
 
-def recovery_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: trains each variant of `config["variants"]` in turn (skipping those a previous
-    attempt finished, resuming the one it was in), pruning before each round and rewrapping the model in DDP."""
-    logging.getLogger().setLevel(logging.WARNING)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    settings: CompressParams = config["settings"]
-    data, device = ray.get(config["data"]), ray.train.torch.get_device()
-    teacher = build_model(**config["spec"])
-    teacher.load_state_dict(ray.get(config["teacher"]))
-    example = torch.from_numpy(to_float(data["x_val"][:1]))
+def recovery_worker(context: WorkerContext, config: RecoveryConfig) -> None:
+    """Trains each variant of `config.variants` in turn (skipping those a previous attempt finished, resuming the one
+    it was in), pruning before each round and rewrapping the model in DDP."""
+    settings, device = config.settings, ray.train.torch.get_device()
+    teacher = build_model(**config.spec)
+    teacher.load_state_dict(ray.get(config.teacher))
+    example = torch.from_numpy(to_float(context.data["x_val"][:1]))
     full_macs = count_macs(teacher.eval(), example)
-    checkpoint = ray.train.get_checkpoint()
     worker = Worker(
-        rank, settings, shuffled_loader(data, max(1, settings.batch_size // world), settings.seed, rank, world),
-        ray.train.torch.prepare_data_loader(make_loader(data["x_val"], data["y_val"], VAL_BATCH, False, 0)),
+        context, settings, context.train_loader(settings.batch_size, settings.seed), context.val_loader(),
         distillation_loss(copy.deepcopy(teacher).to(device), settings.distill_temperature, settings.distill_alpha),
-        load(checkpoint) if checkpoint else {"done": {}, "current": None})
+        context.saved() or {"done": {}, "current": None})
 
-    for variant in config["variants"]:
+    for variant in config.variants:
         if variant in worker.state["done"]:
             continue
-        step = plan(variant, settings, config["augment"])
+        step = plan(variant, settings, config.augment)
         targets = round_targets(full_macs, settings.target_macs_ratio, step.rounds)
         current = worker.state["current"]
         if current and current["variant"] == variant:  # a worker died: continue after the last finished round
-            model = resized(build_model(**config["spec"]), current["model"])
+            model = resized(build_model(**config.spec), current["model"])
             first, history = current["round"] + 1, current["history"]
         else:
             model, first, history = _starting_model(variant, teacher, example, targets[-1], settings.seed), 1, []
-        log = epoch_logger(config["tracking_uri"], config["mlflow_runs"].get(variant), rank)
+        log = context.epoch_log(variant)
         for round_index in range(first, step.rounds + 1):
             if variant in PRUNED:
                 model = prune_to_macs(model.cpu(), example, targets[round_index - 1])
@@ -176,16 +180,13 @@ def check_reachable(teacher: nn.Module, example: torch.Tensor, ratio: float) -> 
 
 
 def recover(teacher: nn.Module, spec: dict[str, Any], variants: list[str], settings: CompressParams,
-            augment: AugmentSettings, data: dict[str, Any], storage_path: str, name: str, tracking_uri: str,
-            mlflow_runs: dict[str, str]) -> dict[str, nn.Module]:
+            augment: AugmentParams, data: dict[str, Any], job: RayJob) -> dict[str, nn.Module]:
     """Train `variants` (a subset of RECOVERED) in one Ray Train fit on `data` augmented by `augment`; returns each
-    one's model in eval mode (their per-epoch curves are in `mlflow_runs` and the printed lines)."""
+    one's model in eval mode (their per-epoch curves are in the job's MLflow run of each and the printed lines)."""
     check_reachable(teacher, torch.from_numpy(to_float(data["x_val"][:1])), settings.target_macs_ratio)
     started = time.perf_counter()
-    config = {"settings": settings, "augment": augment, "spec": spec, "variants": variants, "data": ray.put(data),
-              "teacher": ray.put(teacher.state_dict()), "tracking_uri": tracking_uri, "mlflow_runs": mlflow_runs}
-    state = fit(recovery_worker, config, settings.num_workers, settings.cpus_per_worker, False, storage_path, name,
-                MAX_FAILURES)
+    config = RecoveryConfig(spec, ray.put(teacher.state_dict()), variants, settings, augment)
+    state = fit(job, recovery_worker, config, data)
     print(f"compress: recovery training of {', '.join(variants)} took {time.perf_counter() - started:.0f}s",
           flush=True)
     return {variant: resized(build_model(**spec), state["done"][variant]["model"]).eval() for variant in variants}

@@ -27,9 +27,9 @@ from kiln.compress.recovery import recover
 from kiln.compress.select import Selection
 from kiln.core.inference import Logits, onnx_logits, torch_logits
 from kiln.core.latency import Timing, batch_of, interleaved
-from kiln.core.params import CompressParams, LatencyParams
+from kiln.core.params import AugmentParams, CompressParams, LatencyParams
 from kiln.core.prepared import stratified_head, to_float
-from kiln.train.augment import AugmentSettings
+from kiln.train.job import RayJob
 
 EAGER = ("fp32",)  # float variants also timed in torch eager, for comparison
 
@@ -45,14 +45,12 @@ def recovered_variants(variants: list[str]) -> list[str]:
     return [name for name in RECOVERED if name in needed]
 
 
-def build_float_models(trained: nn.Module, spec: dict[str, Any], settings: CompressParams, augment: AugmentSettings,
-                       data: dict[str, np.ndarray], storage_path: str, name: str, tracking_uri: str,
-                       mlflow_runs: dict[str, str]) -> dict[str, nn.Module]:
+def build_float_models(trained: nn.Module, spec: dict[str, Any], settings: CompressParams, augment: AugmentParams,
+                       data: dict[str, np.ndarray], job: RayJob) -> dict[str, nn.Module]:
     """The trained model as `fp32` and the recovered models `settings.variants` need (one Ray Train fit, logging each
     one's curves to its MLflow run)."""
     needed = recovered_variants(settings.variants)
-    recovered = recover(trained, spec, needed, settings, augment, data, storage_path, name, tracking_uri,
-                        mlflow_runs) if needed else {}
+    recovered = recover(trained, spec, needed, settings, augment, data, job) if needed else {}
     return {BASELINE: trained.eval(), **recovered}
 
 

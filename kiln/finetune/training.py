@@ -5,24 +5,21 @@ failure skips the methods already done and starts the interrupted one again."""
 
 from __future__ import annotations
 
-import logging
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import ray
-import ray.train
 import ray.train.torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from kiln.core.models import build_model
-from kiln.core.params import FinetuneParams
+from kiln.core.params import AugmentParams, FinetuneParams
 from kiln.finetune.methods import adapt, merged, saved_bytes, step_hook, trainable_parameters, with_new_head
-from kiln.train.checkpoint import load, save
-from kiln.train.distributed import epoch_logger, fit, shuffled_loader
-from kiln.train.loop import VAL_BATCH, Hooks, Progress, run_epochs, unwrap
-from kiln.train.recipe import Recipe, make_loader, make_optimizer, make_scheduler, seed_everything
+from kiln.train.job import RayJob, WorkerContext, fit
+from kiln.train.loop import Hooks, Progress, run_epochs, unwrap
+from kiln.train.recipe import Recipe, make_optimizer, make_scheduler, seed_everything
 
 
 @dataclass
@@ -37,10 +34,23 @@ class Tuned:
     wall_seconds: float
 
 
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """What a fine-tuning worker trains: every method of `settings` from the base model (`base_spec`, the
+    `base_state` weights) with a new head of `num_classes`."""
+
+    base_spec: dict[str, Any]
+    base_state: ray.ObjectRef
+    num_classes: int
+    settings: FinetuneParams
+
+
 def recipe(settings: FinetuneParams, method: str) -> Recipe:
-    """AdamW under a one-cycle schedule at the method's peak rate."""
+    """AdamW under a one-cycle schedule at the method's peak rate, on plain batches."""
     return Recipe(optimizer="adamw", lr=settings.lr[method], momentum=0.9, weight_decay=settings.weight_decay,
-                  schedule="onecycle")
+                  schedule="onecycle", warmup_epochs=0.0, label_smoothing=0.0, augment=AugmentParams(),
+                  adversarial="none", adversarial_epsilon=0.0, adversarial_ratio=0.0, pgd_steps=3, amp="none",
+                  channels_last=False)
 
 
 def _line(method: str, metrics: dict[str, float], epochs: int) -> str:
@@ -49,19 +59,19 @@ def _line(method: str, metrics: dict[str, float], epochs: int) -> str:
             f"val_acc {metrics['val_accuracy']:.4f}")
 
 
-def _train(method: str, base: nn.Module, config: dict[str, Any], loaders: tuple[Any, Any], rank: int,
-           parameters: int) -> dict[str, Any]:
+def _train(method: str, base: nn.Module, context: WorkerContext, config: FinetuneConfig,
+           loaders: tuple[DataLoader, DataLoader], parameters: int) -> dict[str, Any]:
     """Train one method on this worker; returns its merged weights, history and costs."""
-    settings: FinetuneParams = config["settings"]
+    settings, rank = config.settings, context.rank
     train_loader, val_loader = loaders
     seed_everything(settings.seed)
-    model = adapt(base, method, config["num_classes"], settings.adapters, settings.seed,
+    model = adapt(base, method, config.num_classes, settings.adapters, settings.seed,
                   settings.epochs * len(train_loader))
     trainable, steps = trainable_parameters(model), recipe(settings, method)
     ddp = ray.train.torch.prepare_model(model)
     optimizer = make_optimizer(ddp, steps)
     scheduler = make_scheduler(optimizer, steps, settings.epochs, len(train_loader))
-    log = epoch_logger(config["tracking_uri"], config["mlflow_runs"][method], rank)
+    log = context.epoch_log(method)
 
     def report(metrics: dict[str, float], progress: Progress) -> None:
         if rank == 0:
@@ -78,37 +88,26 @@ def _train(method: str, base: nn.Module, config: dict[str, Any], loaders: tuple[
             "adapter_bytes": saved_bytes(unwrap(ddp), method), "wall_seconds": time.perf_counter() - started}
 
 
-def finetune_worker(config: dict[str, Any]) -> None:
-    """Runs on every Ray Train worker: trains each method not yet done, checkpointing after each."""
-    logging.getLogger().setLevel(logging.WARNING)
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
-    settings: FinetuneParams = config["settings"]
-    data = ray.get(config["data"])
-    base = build_model(**config["base_spec"])
-    base.load_state_dict(ray.get(config["base_state"]))
-    loaders = (shuffled_loader(data, max(1, settings.batch_size // world), settings.seed, rank, world),
-               ray.train.torch.prepare_data_loader(make_loader(data["x_val"], data["y_val"], VAL_BATCH, False, 0)))
-    checkpoint = ray.train.get_checkpoint()
-    done = load(checkpoint)["done"] if checkpoint else {}
-    parameters = sum(p.numel() for p in with_new_head(base, config["num_classes"], settings.seed).parameters())
+def finetune_worker(context: WorkerContext, config: FinetuneConfig) -> None:
+    """Trains each method not yet done, checkpointing after each."""
+    settings = config.settings
+    base = build_model(**config.base_spec)
+    base.load_state_dict(ray.get(config.base_state))
+    loaders = context.train_loader(settings.batch_size, settings.seed), context.val_loader()
+    done = (context.saved() or {"done": {}})["done"]
+    parameters = sum(p.numel() for p in with_new_head(base, config.num_classes, settings.seed).parameters())
     for method in (method for method in settings.methods if method not in done):
-        done[method] = _train(method, base, config, loaders, rank, parameters)
-        with tempfile.TemporaryDirectory() as folder:
-            saved = ray.train.Checkpoint.from_directory(save(folder, {"done": done})) if rank == 0 else None
-            ray.train.report({"method": method, **done[method]["history"][-1]}, checkpoint=saved)
+        done[method] = _train(method, base, context, config, loaders, parameters)
+        context.report({"method": method, **done[method]["history"][-1]}, {"done": done} if context.rank == 0 else None)
 
 
 def finetune(base: nn.Module, base_spec: dict[str, Any], num_classes: int, settings: FinetuneParams,
-             data: dict[str, Any], storage_path: str, name: str, tracking_uri: str, mlflow_runs: dict[str, str],
-             max_failures: int) -> dict[str, Tuned]:
-    """Train every method of `settings` from `base` on `data` (train and val splits) in one Ray Train fit; returns
-    each method's merged model (in eval mode, `base_spec` with `num_classes`) and costs."""
-    config = {"settings": settings, "base_spec": base_spec, "base_state": ray.put(base.state_dict()),
-              "num_classes": num_classes, "data": ray.put(data), "tracking_uri": tracking_uri,
-              "mlflow_runs": mlflow_runs}
-    done = fit(finetune_worker, config, settings.num_workers, settings.cpus_per_worker, False, storage_path, name,
-               max_failures)["done"]
+             data: dict[str, Any], job: RayJob) -> dict[str, Tuned]:
+    """Train every method of `settings` from `base` on `data` (train and val splits) in one Ray Train fit (each
+    method's curves go to the job's MLflow run for it); returns each method's merged model (in eval mode,
+    `base_spec` with `num_classes`) and costs."""
+    config = FinetuneConfig(base_spec, ray.put(base.state_dict()), num_classes, settings)
+    done = fit(job, finetune_worker, config, data)["done"]
     tuned = {}
     for method in settings.methods:
         model = build_model(**{**base_spec, "num_classes": num_classes})

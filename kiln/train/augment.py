@@ -4,24 +4,11 @@ epoch and rank, so runs repeat exactly). Nothing here runs at evaluation time.""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-
-@dataclass(frozen=True)
-class AugmentSettings:
-    crop_padding: int = 0       # random crop of the zero-padded image back to its size
-    hflip: bool = False         # horizontal flip with probability 0.5
-    rotation: float = 0.0       # degrees, uniform in [-rotation, rotation]
-    translate: float = 0.0      # fraction of the side, uniform in [-translate, translate] on each axis
-    scale: float = 0.0          # zoom factor uniform in [1 - scale, 1 + scale]
-    erasing: float = 0.0        # probability of erasing one random rectangle (2-20% of the area)
-
-    @property
-    def active(self) -> bool:
-        return bool(self.crop_padding or self.hflip or self.rotation or self.translate or self.scale or self.erasing)
+from kiln.core.params import AugmentParams
 
 
 def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
@@ -62,8 +49,9 @@ def random_erasing(images: torch.Tensor, probability: float) -> torch.Tensor:
     return images.masked_fill(erase.to(images.device), 0.0)
 
 
-def augment(images: torch.Tensor, settings: AugmentSettings) -> torch.Tensor:
-    """Apply the augmentations `settings` turns on, in the order crop, flip, affine, erasing."""
+def augment(images: torch.Tensor, settings: AugmentParams) -> torch.Tensor:
+    """Apply the augmentations `settings` turns on, in the order crop, flip, affine, erasing (none: `images`
+    itself, no random draw)."""
     if settings.crop_padding:
         images = random_crop(images, settings.crop_padding)
     if settings.hflip:

@@ -64,22 +64,19 @@ def with_adversarial(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
 
 
 def train_epoch(
-    model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, recipe: Recipe | None = None,
+    model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, recipe: Recipe,
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, loss_fn: Loss | None = None,
     scaler: torch.amp.GradScaler | None = None, on_step: Callable[[], None] | None = None,
     hooks: Hooks | None = None,
 ) -> EpochStats:
-    """One pass over `loader` following `recipe` (plain cross-entropy steps when None), or minimising `loss_fn`;
-    `on_step` runs after every optimiser step; `hooks` may augment the batch and predict from the logits instead.
-    Returns loss and accuracy summed over all workers."""
-    recipe, hooks = recipe or Recipe(), hooks or Hooks()
+    """One pass over `loader` following `recipe`, or minimising `loss_fn`; `on_step` runs after every optimiser step;
+    `hooks` may augment the batch and predict from the logits instead. Returns loss and accuracy summed over all
+    workers."""
+    hooks = hooks or Hooks()
     model.train()
     loss_sum, correct, count = 0.0, 0, 0
     for images, labels in loader:
-        if hooks.augment is not None:
-            images = hooks.augment(images, labels)
-        elif recipe.augment.active:
-            images = augment(images, recipe.augment)
+        images = hooks.augment(images, labels) if hooks.augment is not None else augment(images, recipe.augment)
         images = with_adversarial(model, images, labels, recipe)
         if recipe.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

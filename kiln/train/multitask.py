@@ -13,7 +13,8 @@ from torch.utils.data import DataLoader, Sampler
 
 from kiln.core.models import TaskHead
 from kiln.core.multitask import TaskLayout
-from kiln.train.augment import AugmentSettings, augment
+from kiln.core.params import AugmentParams
+from kiln.train.augment import augment
 from kiln.train.loop import Augment, Loss, Predict, validate
 
 
@@ -48,13 +49,13 @@ def own_head_predictions(layout: TaskLayout) -> Predict:
 
 def augment_by_task(layout: TaskLayout) -> Augment:
     """The loop's augment hook: each task's items augmented by that task's settings."""
-    settings_by_task = [AugmentSettings(**settings) for settings in layout.augments]
+    settings_by_task = [AugmentParams(**settings) for settings in layout.augments]
 
     def apply(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         task, images = layout.task_of(labels), images.clone()
         for index, settings in enumerate(settings_by_task):
             mine = task == index
-            if settings.active and mine.any():
+            if mine.any():
                 images[mine] = augment(images[mine], settings)
         return images
 

@@ -7,7 +7,7 @@ import dataclasses
 import math
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,29 +17,29 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from kiln.core.files import read_json
-from kiln.core.params import TUNABLE_TRAIN_KEYS, TrainParams
+from kiln.core.params import TUNABLE_TRAIN_KEYS, AugmentParams, TrainParams
 from kiln.core.prepared import to_float
-from kiln.train.augment import AugmentSettings
 
 
 @dataclass(frozen=True)
 class Recipe:
-    """How to train, apart from the model, the data and the number of epochs."""
+    """How to train, apart from the model, the data and the number of epochs; every field is stated by whoever builds
+    one (train: `make_recipe` from params.yaml's train section)."""
 
-    optimizer: str = "sgd"              # sgd (Nesterov momentum) | adamw
-    lr: float = 0.05                    # peak learning rate under a schedule
-    momentum: float = 0.9               # SGD momentum (AdamW: beta1)
-    weight_decay: float = 1e-4
-    schedule: str = "constant"          # constant | onecycle | cosine (linear warm-up, then cosine to zero)
-    warmup_epochs: float = 0.0          # cosine only
-    label_smoothing: float = 0.0
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
-    adversarial: str = "none"           # none | fgsm | pgd: adversarial examples replace part of each batch
-    adversarial_epsilon: float = 0.0
-    adversarial_ratio: float = 0.0      # fraction of each batch replaced
-    pgd_steps: int = 3
-    amp: str = "none"                   # none | bf16 | fp16 (CUDA only)
-    channels_last: bool = False         # CUDA only
+    optimizer: str                      # sgd (Nesterov momentum) | adamw
+    lr: float                           # peak learning rate under a schedule
+    momentum: float                     # SGD momentum (AdamW: beta1)
+    weight_decay: float
+    schedule: str                       # constant | onecycle | cosine (linear warm-up, then cosine to zero)
+    warmup_epochs: float                # cosine only
+    label_smoothing: float
+    augment: AugmentParams
+    adversarial: str                    # none | fgsm | pgd: adversarial examples replace part of each batch
+    adversarial_epsilon: float
+    adversarial_ratio: float            # fraction of each batch replaced
+    pgd_steps: int
+    amp: str                            # none | bf16 | fp16 (CUDA only)
+    channels_last: bool                 # CUDA only
 
 
 def make_recipe(train: TrainParams, dataset: str, tuned: dict[str, float] | None = None) -> Recipe:
@@ -47,16 +47,11 @@ def make_recipe(train: TrainParams, dataset: str, tuned: dict[str, float] | None
     recipe = Recipe(
         optimizer=train.optimizer, lr=train.lr, momentum=train.momentum, weight_decay=train.weight_decay,
         schedule=train.schedule, warmup_epochs=train.warmup_epochs, label_smoothing=train.label_smoothing,
-        augment=dataset_augmentation(train, dataset), adversarial=train.adversarial.method,
+        augment=train.augmentation[dataset], adversarial=train.adversarial.method,
         adversarial_epsilon=train.adversarial.epsilon, adversarial_ratio=train.adversarial.ratio,
         pgd_steps=train.adversarial.pgd_steps, amp=train.amp, channels_last=train.channels_last,
     )
     return with_values(recipe, tuned or {})
-
-
-def dataset_augmentation(train: TrainParams, dataset: str) -> AugmentSettings:
-    """The train section's augmentation for `dataset` (its entry under `train.augmentation`)."""
-    return AugmentSettings(**train.augmentation[dataset].model_dump())
 
 
 def tuned_hyperparameters(train: TrainParams, best_config: Path) -> dict[str, Any]:

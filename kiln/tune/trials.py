@@ -6,7 +6,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
-import ray.train
+import ray
 from mlflow import MlflowClient
 from ray import tune
 from ray.air.integrations.mlflow import MLflowLoggerCallback
@@ -14,8 +14,10 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from torch.utils.data import DataLoader
 
 from kiln.core.models import build_model
+from kiln.core.params import EarlyStoppingParams
 from kiln.train.checkpoint import load, restore, save, training_state
-from kiln.train.distributed import TorchTrainer, train_worker
+from kiln.train.distributed import train_config, train_worker
+from kiln.train.job import RayJob, fit
 from kiln.train.loop import VAL_BATCH, Hooks, Progress, run_epochs
 from kiln.train.multitask import equal_shares, multitask_hooks, validation_sets
 from kiln.train.recipe import (
@@ -63,20 +65,13 @@ def single_process_trial(config: dict[str, Any], data: dict[str, Any], spec: dic
 
 def distributed_trial(config: dict[str, Any], data: dict[str, Any], spec: dict[str, Any], recipe: Recipe,
                       epochs: int, workers: int, cpus_per_worker: int, storage_path: str) -> None:
-    """Drive a Ray Train TorchTrainer with this trial's config; its rank-0 reports become the trial's results."""
-    trainer = TorchTrainer(
-        train_worker,
-        train_loop_config={"data": ray.put(data), "spec": {**spec, "dropout": config["dropout"]},
-                           "recipe": with_values(recipe, config), "batch_size": int(config["batch_size"]),
-                           "epochs": epochs, "seed": config["seed"], "early_stopping": {"patience": 0}},
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=f"{tune.get_context().get_experiment_name()}-{tune.get_context().get_trial_id()}",
-            storage_path=storage_path, callbacks=[TuneReportCallback()],
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-        ),
-    )
-    trainer.fit()
+    """Train this trial's config on a Ray Train job of `workers` workers; their rank-0 reports become the trial's
+    results."""
+    context = tune.get_context()
+    job = RayJob(storage_path, f"{context.get_experiment_name()}-{context.get_trial_id()}", workers, cpus_per_worker,
+                 use_gpu=False, max_failures=0)
+    fit(job, train_worker, train_config(spec, recipe, config, epochs, EarlyStoppingParams()), data,
+        callbacks=[TuneReportCallback()])
 
 
 def trial_state(failed: bool, epochs_reached: int, epochs: int) -> str:
