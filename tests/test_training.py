@@ -17,8 +17,9 @@ import torch
 import yaml
 
 from kiln.core.adversarial import fgsm, pgd
+from kiln.core.model_catalog import MODELS
 from kiln.core.models import build_model, check_fits, load_weights
-from kiln.core.params import AugmentParams, MODELS, apply_overrides, validate_params
+from kiln.core.params import AugmentParams, apply_overrides, validate_params
 from kiln.platform.contract import stages
 from kiln.train.augment import augment, random_crop, random_erasing
 from kiln.train.checkpoint import restore, training_state
