@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +32,12 @@ from kiln.compress.variants import (
 )
 from kiln.core import ray_cluster
 from kiln.core.errors import InputError
-from kiln.core.files import atomic_path, write_json
+from kiln.core.files import write_json
 from kiln.core.models import load_trained_model, task_heads
 from kiln.core.multitask import load_tasks
 from kiln.core.params import Params
-from kiln.core.tracking import lineage_tags, use_experiment
+from kiln.core.stage import open_stage, reports_together, stage_run
+from kiln.core.tracking import lineage_tags
 from kiln.train.job import RayJob
 
 ONNX_FILES = {"fp32": "model_fp32.onnx", "int8": "model_int8.onnx", "deployable": "deployable.onnx"}
@@ -56,15 +56,10 @@ def run(params: Params, model: Path, data: Path, onnx_dir: Path, reports: Path) 
         raise InputError(f"{model}: its heads ({', '.join(task_heads(trained)) or 'one task'}) are not the prepared "
                          f"tasks ({', '.join(tasks.manifests)}); run `dvc repro train`")
     calibration, images = calibration_images(settings, tasks.x_train, tasks.y_train), tasks.val_images()
-    if recovered_variants(settings.variants):
-        ray_cluster.connect()
-        ray_cluster.require(settings.num_workers * settings.cpus_per_worker,
-                            "compress.num_workers x compress.cpus_per_worker")
-
-    use_experiment(params.tracking.experiment)
-    tags = lineage_tags(params, data)
-    with mlflow.start_run(run_name="compress", tags={**tags, "kiln.stage": "compress"}) as parent:
-        runs = variant_runs(settings.variants, tags)
+    cpus = (settings.num_workers * settings.cpus_per_worker, "compress.num_workers x compress.cpus_per_worker")
+    open_stage(params, cpus if recovered_variants(settings.variants) else None)
+    with stage_run("compress", params, data) as parent:
+        runs = variant_runs(settings.variants, lineage_tags(params, data))
         job = RayJob(ray_cluster.storage_uri(params.train.storage_path), f"compress-{parent.info.run_id}",
                      settings.num_workers, settings.cpus_per_worker, False, MAX_FAILURES, mlflow.get_tracking_uri(),
                      runs)
@@ -81,9 +76,7 @@ def run(params: Params, model: Path, data: Path, onnx_dir: Path, reports: Path) 
             metrics = stage_metrics(rows, selection.variant)
             table = variants_markdown(rows, selection, batch)
             chosen = next(row for row in rows if row["variant"] == selection.variant)
-            with ExitStack() as stack:  # every output moves into place when the block exits without error
-                onnx = {key: stack.enter_context(atomic_path(onnx_dir / name)) for key, name in ONNX_FILES.items()}
-                out = {key: stack.enter_context(atomic_path(reports / name)) for key, name in REPORTS.items()}
+            with reports_together(onnx_dir, ONNX_FILES) as onnx, reports_together(reports, REPORTS) as out:
                 for key, variant in (("fp32", "fp32"), ("int8", "int8"), ("deployable", selection.variant)):
                     shutil.copyfile(files[variant], onnx[key])
                 write_json(out["metrics"], metrics)

@@ -6,7 +6,6 @@ started again on the same inputs resumes after its last finished epoch: kiln.tra
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import mlflow
@@ -15,12 +14,12 @@ from mlflow import MlflowClient
 
 from kiln.core import ray_cluster
 from kiln.core.errors import InputError
-from kiln.core.files import atomic_path, read_json, sha256_file, write_json
+from kiln.core.files import atomic_path, read_json, sha256_file, write_csv, write_json
 from kiln.core.models import build_model, initial_state, model_spec, save_trained_model
 from kiln.core.multitask import load_tasks
 from kiln.core.params import Params
 from kiln.core.prepared import MANIFEST
-from kiln.core.tracking import lineage_tags, use_experiment
+from kiln.core.stage import open_stage, stage_run
 from kiln.train.distributed import train_config, train_worker
 from kiln.train.job import RayJob, fit
 from kiln.train.plots import save_learning_curves
@@ -41,9 +40,7 @@ def run(params: Params, data: Path, best_config: Path, model: Path, reports: Pat
                       tasks.manifests)
     start = initial_state(settings.weights, spec)
 
-    use_experiment(params.tracking.experiment)
-    ray_cluster.connect()
-    ray_cluster.require(settings.num_workers * settings.cpus_per_worker, "train.num_workers x train.cpus_per_worker")
+    open_stage(params, (settings.num_workers * settings.cpus_per_worker, "train.num_workers x train.cpus_per_worker"))
     if settings.use_gpu:
         ray_cluster.require(settings.num_workers, "train.use_gpu (one GPU per worker)", "GPU")
     tune_run = read_json(best_config)["mlflow_run_id"] if settings.use_tuned else ""
@@ -53,9 +50,8 @@ def run(params: Params, data: Path, best_config: Path, model: Path, reports: Pat
     storage = ray_cluster.storage_uri(settings.storage_path)
     experiment = mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id
     resumed = claim_run(MlflowClient(), experiment, name)
-    with mlflow.start_run(run_id=resumed, run_name="train", tags={
-            "kiln.stage": "train", "kiln.tune_run_id": tune_run, KEY_TAG: name, DRIVER_TAG: this_driver(),
-            **lineage_tags(params, data)}) as run:
+    with stage_run("train", params, data, resumed,
+                   {"kiln.tune_run_id": tune_run, KEY_TAG: name, DRIVER_TAG: this_driver()}) as run:
         mlflow.log_params({**settings.model_dump(exclude={"augmentation"}), **hyperparameters,
                            "augmentation": recipe.augment})
         config = train_config(spec, recipe, {**hyperparameters, "seed": settings.seed}, settings.epochs,
@@ -77,10 +73,7 @@ def run(params: Params, data: Path, best_config: Path, model: Path, reports: Pat
     with atomic_path(model) as tmp:
         save_trained_model(str(tmp), trained, spec, {"mlflow_run_id": run.info.run_id, "tune_run_id": tune_run,
                                                      "hyperparameters": hyperparameters})
-    with atomic_path(reports / "history.csv") as tmp, open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    write_csv(reports / "history.csv", history)
     write_json(reports / "metrics.json", final)
     forget(storage, name)
     print(f"train: val_accuracy={final['val_accuracy']:.4f} at epoch {kept} of {len(history)} run -> {model}")

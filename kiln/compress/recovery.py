@@ -1,20 +1,23 @@
-"""Recovery training of the structured variants, data-parallel on Ray Train through the one training loop: one fit
-trains them all (Ray Train's start-up is paid once), on the full training split.
+"""Recovery training of the structured variants (kiln.compress.catalog), data-parallel on Ray Train through the one
+training loop: one fit trains them all (Ray Train's start-up is paid once), on the full training split. Before each
+round, a variant's builder makes the model the round trains:
 
-- `pruned`, `pruned_kd`: the trained model pruned in `prune_rounds` steps to `target_macs_ratio` of its MACs, each
-  step followed by `recovery_epochs` of training (a cosine schedule from `recovery_lr`): on the labels alone, or
-  distilled from the trained model (kd).
-- `distilled`, `student`: a uniformly thinner copy at the same MACs target, re-initialised and trained for
-  `student_epochs` (one-cycle at `student_lr`): from the teacher, or on the labels alone (distillation's control).
+- `pruned` (variants `pruned`, `pruned_kd`): the trained model pruned in `prune_rounds` steps to `target_macs_ratio`
+  of its MACs, each step followed by `recovery_epochs` of training (a cosine schedule from `recovery_lr`).
+- `student` (variants `distilled`, `student`): a uniformly thinner copy at the same MACs target, re-initialised and
+  trained for `student_epochs` (one-cycle at `student_lr`).
 
-Rank 0 prints a line per epoch, logs it to the variant's MLflow run and, after every round, writes a checkpoint
-holding the finished variants and the current one's weights, so a dead worker costs at most one round.
+A taught variant learns from the trained model's logits (distillation), the others from the labels alone. Rank 0
+prints a line per epoch, logs it to the variant's MLflow run and, after every round, writes a checkpoint holding the
+finished variants and the current one's weights, so a dead worker costs at most one round.
 """
 
 from __future__ import annotations
 
 import copy
+import pkgutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kiln.compress.catalog import FLOATS
 from kiln.compress.distillation import distillation_loss
 from kiln.compress.pruning import count_macs, prune_to_macs, resized, round_targets, thinned
 from kiln.core.errors import InputError
@@ -34,10 +38,7 @@ from kiln.train.job import EpochLog, RayJob, WorkerContext, fit
 from kiln.train.loop import Hooks, Loss, Progress, run_epochs, unwrap
 from kiln.train.recipe import Recipe, make_optimizer, make_scheduler, seed_everything
 
-PRUNED = ("pruned", "pruned_kd")  # start from the trained weights
-STUDENTS = ("distilled", "student")  # start from fresh weights
-TAUGHT = ("pruned_kd", "distilled")  # trained on the teacher's logits
-RECOVERED = (*PRUNED, *STUDENTS)
+Builder = Callable[[nn.Module, nn.Module, torch.Tensor, float, int], nn.Module]  # a catalog entry's builder
 WEIGHT_DECAY = 5e-4  # the stock train recipe's
 History = list[dict[str, float]]
 MAX_FAILURES = 3  # worker deaths survived, each costing at most one round
@@ -54,10 +55,10 @@ class Plan:
 
 
 def plan(variant: str, settings: CompressParams, augment: AugmentParams) -> Plan:
-    """The rounds, epochs and recipe of `variant`: SGD on the labels (or the teacher's logits), cosine from
-    `recovery_lr` for a pruned variant, one-cycle from `student_lr` for a student; `augment` is the training data's
+    """The rounds, epochs and recipe of `variant`'s schedule (kiln.compress.catalog): SGD, cosine from `recovery_lr`
+    for the `pruned` schedule, one-cycle from `student_lr` for the `student` one; `augment` is the training data's
     augmentation, as the train stage used it."""
-    pruned = variant in PRUNED
+    pruned = FLOATS[variant].schedule == "pruned"
     recipe = Recipe(optimizer="sgd", lr=settings.recovery_lr if pruned else settings.student_lr, momentum=0.9,
                     weight_decay=WEIGHT_DECAY, schedule="cosine" if pruned else "onecycle", warmup_epochs=0.0,
                     label_smoothing=0.0, augment=augment, adversarial="none", adversarial_epsilon=0.0,
@@ -67,11 +68,14 @@ def plan(variant: str, settings: CompressParams, augment: AugmentParams) -> Plan
     return Plan(variant, 1, settings.student_epochs, recipe)
 
 
-def _starting_model(variant: str, teacher: nn.Module, example: torch.Tensor, target_macs: float,
-                    seed: int) -> nn.Module:
-    """The trained model's copy (pruned variants) or a fresh thinner student, the same for every student variant."""
-    if variant in PRUNED:
-        return copy.deepcopy(teacher)
+def pruned(model: nn.Module, teacher: nn.Module, example: torch.Tensor, target_macs: float, seed: int) -> nn.Module:
+    """The previous round's model (the trained one at first) pruned to this round's MACs target."""
+    return prune_to_macs(model.cpu(), example, target_macs)
+
+
+def student(model: nn.Module, teacher: nn.Module, example: torch.Tensor, target_macs: float, seed: int) -> nn.Module:
+    """A uniformly thinner copy of the trained model at the MACs target, re-initialised from `seed` (the same for
+    every student variant)."""
     seed_everything(seed)
     return thinned(teacher, example, target_macs)
 
@@ -128,7 +132,7 @@ class Worker:
 
         run_epochs(ddp, optimizer, self.train_loader, step.epochs, step.recipe, val_loader=self.val_loader,
                    scheduler=scheduler, seed=self.settings.seed + round_index, rank=self.context.rank,
-                   hooks=Hooks(loss=self.teach if step.variant in TAUGHT else None, on_epoch=report))
+                   hooks=Hooks(loss=self.teach if FLOATS[step.variant].taught else None, on_epoch=report))
         return copy.deepcopy(unwrap(ddp))  # fresh parameters for the next round's DDP wrapper
 
     def finish_round(self, step: Plan, round_index: int, model: nn.Module, history: History) -> None:
@@ -162,11 +166,11 @@ def recovery_worker(context: WorkerContext, config: RecoveryConfig) -> None:
             model = resized(build_model(**config.spec), current["model"])
             first, history = current["round"] + 1, current["history"]
         else:
-            model, first, history = _starting_model(variant, teacher, example, targets[-1], settings.seed), 1, []
+            model, first, history = copy.deepcopy(teacher), 1, []
+        build: Builder = pkgutil.resolve_name(FLOATS[variant].builder)
         log = context.epoch_log(variant)
         for round_index in range(first, step.rounds + 1):
-            if variant in PRUNED:
-                model = prune_to_macs(model.cpu(), example, targets[round_index - 1])
+            model = build(model, teacher, example, targets[round_index - 1], settings.seed)
             macs_ratio = count_macs(model.cpu().eval(), example) / full_macs
             model = worker.train_round(model, step, round_index, macs_ratio, history, log)
 
@@ -181,8 +185,9 @@ def check_reachable(teacher: nn.Module, example: torch.Tensor, ratio: float) -> 
 
 def recover(teacher: nn.Module, spec: dict[str, Any], variants: list[str], settings: CompressParams,
             augment: AugmentParams, data: dict[str, Any], job: RayJob) -> dict[str, nn.Module]:
-    """Train `variants` (a subset of RECOVERED) in one Ray Train fit on `data` augmented by `augment`; returns each
-    one's model in eval mode (their per-epoch curves are in the job's MLflow run of each and the printed lines)."""
+    """Train `variants` (catalog entries with a builder) in one Ray Train fit on `data` augmented by `augment`;
+    returns each one's model in eval mode (their per-epoch curves are in the job's MLflow run of each and the printed
+    lines)."""
     check_reachable(teacher, torch.from_numpy(to_float(data["x_val"][:1])), settings.target_macs_ratio)
     started = time.perf_counter()
     config = RecoveryConfig(spec, ray.put(teacher.state_dict()), variants, settings, augment)

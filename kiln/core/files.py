@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -32,6 +33,14 @@ def write_json(path: Path | str, payload: Any) -> None:
     """Write `payload` as pretty JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: Path | str, rows: list[dict[str, Any]]) -> None:
+    """Write `rows` (dicts with the first one's keys) as CSV with a header, atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def read_json(path: Path | str) -> Any:
