@@ -36,8 +36,8 @@ from kiln.core.params import load_params, write_overrides
 from kiln.core.tracking import tracking_uri
 from kiln.evaluate.publish import EXPERIMENT_ENV
 from kiln.platform.lineage import record_experiment
+from kiln.platform.summary import RAN, markdown, stage_statuses
 from kiln.platform.workspace import Experiment, clone_workspace, push_experiment, require_tracked_data, save_experiment
-from tasks.summary import RAN, markdown, stage_statuses
 
 TOP_TRIALS = 5
 PARAMS_FILE = "params.yaml"

@@ -11,10 +11,12 @@ from typing import Annotated
 
 import typer
 
+from cli import cluster
 from kiln.core import shell
 from kiln.core.errors import InputError
 from kiln.core.params import load_params
-from tasks import cluster, stages, summary
+from kiln.platform import summary
+from tasks import stages
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 PIPELINE = "Pipeline"
