@@ -25,8 +25,8 @@ from kiln.evaluate.publish import SOURCE_MODEL
 from kiln.evaluate.registry import resolve_version
 from kiln.finetune.base import Base, load_base
 from kiln.finetune.methods import adapt, check_targets, merged, step_hook, trainable_parameters
+from kiln.finetune.target import check_target
 from kiln.prepare.datasets import read_digits, resized
-from tasks.finetune import check_target
 from tests.conftest import TINY_PARAMS, record_cases, stage_command
 
 SETTINGS = validate_params(TINY_PARAMS).finetune
