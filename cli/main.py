@@ -102,8 +102,9 @@ def reproduce(
 def predict(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="An .npy array or a folder of PNG/JPEG images.")],
     output: Annotated[Path, typer.Option(help="The CSV to write.")] = Path("predictions.csv"),
-    model_uri: Annotated[str | None, typer.Option(help="A registered ONNX model [default: models:/NAME@champion, "
-                                                       "NAME from params' tracking.registered_model].")] = None,
+    model_uri: Annotated[str | None, typer.Option(help="A registered ONNX model or an .onnx file [default: "
+                                                       "models:/NAME@champion, NAME from params' "
+                                                       "tracking.registered_model].")] = None,
     task: Annotated[str | None, typer.Option(help="A multi-task model's task (dataset name) whose head predicts.")
                     ] = None,
     params: stages.ParamsFile = Path("params.yaml"),
