@@ -94,7 +94,6 @@ def log_decision(decision: Decision) -> None:
                         if getattr(decision, key) is not None})
 
 
-
 def finetune_base(name: str, reference: str) -> dict[str, str | None]:
     """Which version `reference` (finetune.base) names now: the file changes, and fine-tuning re-runs, only when it
     moves. A reference that names nothing is recorded as such; the finetune stage reports it."""
