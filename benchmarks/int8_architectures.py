@@ -25,7 +25,8 @@ from torch import nn
 
 from benchmarks.compress import spread
 from benchmarks.report import machine, measured_code, write_results, write_section
-from kiln.compress.onnx_export import export_onnx, quantize_int8
+from kiln.compress.quantize import quantize_int8
+from kiln.core.export import export_onnx
 from kiln.core.inference import onnx_logits, torch_logits
 from kiln.core.latency import interleaved
 from kiln.core.models import Normalize, build_model, conv_bn, model_spec

@@ -37,8 +37,8 @@ from kiln.platform import shell
 from kiln.platform.contract import stages
 from kiln.platform.lineage import record_experiment
 from kiln.platform.overrides import write_overrides
+from kiln.platform.summary import RAN, markdown, stage_statuses
 from kiln.platform.workspace import Experiment, clone_workspace, push_experiment, require_tracked_data, save_experiment
-from tasks.summary import RAN, markdown, stage_statuses
 
 TOP_TRIALS = 5
 PARAMS_FILE = "params.yaml"

@@ -22,11 +22,12 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from kiln.compress.distillation import distillation_loss
-from kiln.compress.onnx_export import CHANNEL_MULTIPLE, export_onnx, quantize_int8
 from kiln.compress.pruning import count_macs, count_parameters, prune_to_macs, resized, round_targets, thinned
+from kiln.compress.quantize import CHANNEL_MULTIPLE, quantize_int8
 from kiln.compress.recovery import check_reachable
 from kiln.compress.select import select_deployable, within_accuracy
 from kiln.core.errors import CorruptFile, InputError
+from kiln.core.export import export_onnx
 from kiln.core.files import write_json
 from kiln.core.inference import onnx_logits, predict_onnx, session_options
 from kiln.core.latency import Timing, batch_of, interleaved

@@ -12,8 +12,8 @@ import ray.train
 import torch
 import yaml
 
-from kiln.compress.onnx_export import export_onnx
 from kiln.core.errors import CorruptFile
+from kiln.core.export import export_onnx
 from kiln.core.inference import onnx_logits
 from kiln.core.models import build_model, model_spec, save_trained_model
 from kiln.core.prepared import read_manifest

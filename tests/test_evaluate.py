@@ -19,8 +19,9 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch import nn
 
-from kiln.compress.onnx_export import export_onnx, quantize_int8
+from kiln.compress.quantize import quantize_int8
 from kiln.core.errors import InputError
+from kiln.core.export import export_onnx
 from kiln.core.files import write_json
 from kiln.core.inference import onnx_logits, torch_logits
 from kiln.core.models import load_trained_model, save_trained_model

@@ -25,8 +25,8 @@ from kiln.evaluate.publish import SOURCE_MODEL
 from kiln.evaluate.registry import resolve_version
 from kiln.finetune.base import Base, load_base
 from kiln.finetune.methods import adapt, check_targets, merged, step_hook, trainable_parameters
+from kiln.finetune.target import check_target, split_note
 from kiln.prepare.datasets import read_digits, resized
-from tasks.finetune import check_target
 from tests.conftest import TINY_PARAMS, record_cases, stage_command
 
 SETTINGS = validate_params(TINY_PARAMS).finetune
@@ -139,14 +139,25 @@ def test_an_unknown_base_is_refused_naming_the_key(registry: MlflowClient, name:
 
 
 @pytest.mark.bad_input
-@pytest.mark.parametrize(("image_shape", "problem"), [
-    ([3, 8, 8], "finetune.target.dataset: fashion_mnist has 3-channel images but base kiln v1 takes 1 channels"),
-    ([1, 12, 12], "finetune.target.image_side: the target's images are 12x12 but base kiln v1 takes 8x8"),
+@pytest.mark.parametrize(("dataset", "image_shape", "problem"), [
+    ("fashion_mnist", [3, 8, 8],
+     "finetune.target.dataset: fashion_mnist has 3-channel images but base kiln v1 takes 1 channels"),
+    ("fashion_mnist", [1, 12, 12],
+     "finetune.target.image_side: the target's images are 12x12 but base kiln v1 takes 8x8"),
+    ("digits", [1, 8, 8], "finetune.target.dataset: digits is what base kiln v1 learnt from (digits), so the "
+                          "fine-tune's test split would hold images it trained on"),
 ])
-def test_a_base_that_cannot_take_the_target_is_refused(image_shape: list[int], problem: str) -> None:
-    base = Base("kiln", "1", "run", lenet(), {"spec": {"in_channels": 1, "image_size": 8}})
+def test_a_base_that_cannot_take_the_target_is_refused(dataset: str, image_shape: list[int], problem: str) -> None:
+    base = Base("kiln", "1", "run", lenet(), {"spec": {"in_channels": 1, "image_size": 8}}, ("digits",))
     with pytest.raises(InputError, match=re.escape(problem)):
-        check_target(base, {"image_shape": image_shape}, validate_params(TINY_PARAMS))
+        check_target(base, {"dataset": dataset, "image_shape": image_shape}, validate_params(TINY_PARAMS))
+
+
+def test_the_methods_table_says_whether_the_test_split_is_clean() -> None:
+    base = Base("kiln", "1", "run", lenet(), {}, ("digits",))
+    assert split_note(base, "fashion_mnist") == ("Target fashion_mnist: not among the datasets base kiln v1 learnt "
+                                                 "from (digits), so no test image was seen in training.")
+    assert "may overlap the base's training data" in split_note(Base("kiln", "1", "run", lenet(), {}, None), "digits")
 
 
 # The finetune stage of the session's tiny pipeline run (tests/conftest.py's `reproduced`).

@@ -17,10 +17,13 @@ import torch
 from mlflow import MlflowClient
 from PIL import Image
 
-from kiln.compress.onnx_export import export_onnx
+from kiln.core.export import export_onnx
 from kiln.core.inference import predict_onnx
 from kiln.core.models import build_model
-from tasks.predict import ModelUnavailable, ShapeMismatch, UnreadableInput, predict
+from kiln.serve.classify import Classifier
+from kiln.serve.images import ShapeMismatch, UnreadableInput
+from kiln.serve.model import ModelUnavailable, load_model
+from tasks.predict import predict
 from tests.conftest import BIN, REPO
 
 CLASSES = ["ant", "bee", "cat"]
@@ -118,6 +121,19 @@ def test_without_class_names_predictions_are_indices(tracking: Path, tmp_path: P
     assert [row["predicted"] for row in rows(tmp_path / "out.csv")] == [
         str(CLASSES.index(name)) for name in expected(tracking, IMAGES)
     ]
+
+
+def test_a_server_classifies_in_memory_with_kiln_serve(tracking: Path, tmp_path: Path) -> None:
+    """What a server does, without the command line: load once (a registered model or a bare ONNX file), then
+    classify batches of float32 pixels."""
+    pixels = IMAGES[:, None].astype(np.float32) / 255
+    registered = load_model("models:/kiln@champion", tmp_path)
+    assert registered.chw == (1, 8, 8) and registered.classes == CLASSES
+    labels, confidence = Classifier(registered)(pixels)
+    assert labels == expected(tracking, IMAGES) and confidence.shape == (5,)
+    bare = load_model(str(tracking), tmp_path)
+    assert bare.classes is None
+    assert Classifier(bare)(pixels)[0] == [str(CLASSES.index(name)) for name in labels]
 
 
 def npy(folder: Path, array: np.ndarray) -> Path:

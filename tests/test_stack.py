@@ -233,7 +233,7 @@ def test_the_supervisor_backs_off_a_service_that_keeps_crashing(tmp_path: Path) 
 
 def cluster(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     """`kiln cluster ARGS`, as a user would type it."""
-    return run([sys.executable, "-c", "from tasks.cluster import app; app()", *args], cwd=REPO, check=check)
+    return run([sys.executable, "-c", "from cli.cluster import app; app()", *args], cwd=REPO, check=check)
 
 
 def test_cluster_restart_restarts_a_service_with_its_recorded_environment(stack: Stack) -> None:

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from kiln.compress.catalog import BASELINE, RECOVERED, float_source
-from kiln.compress.onnx_export import export_onnx, quantize_int8
 from kiln.compress.pruning import count_macs, count_parameters
+from kiln.compress.quantize import quantize_int8
 from kiln.compress.recovery import recover
 from kiln.compress.select import Selection
+from kiln.core.export import export_onnx
 from kiln.core.inference import Logits, onnx_logits, torch_logits
 from kiln.core.latency import Timing, batch_of, interleaved
 from kiln.core.params import AugmentParams, CompressParams, LatencyParams

@@ -4,7 +4,7 @@ tasks' training sets combined with labels offset into those columns."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,12 @@ from kiln.core.errors import InputError
 from kiln.core.inference import Logits, accuracy
 from kiln.core.params import Params
 from kiln.core.prepared import load_split, read_manifest, task_folders, to_float
+
+
+def logit_columns(classes: Mapping[str, int]) -> dict[str, slice]:
+    """Each task's logit columns in a multi-task model, from the tasks' class counts in head order."""
+    ends = np.cumsum(list(classes.values())).tolist()
+    return {task: slice(end - count, end) for (task, count), end in zip(classes.items(), ends, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -34,7 +40,7 @@ class TaskLayout:
         return np.cumsum([0, *self.classes[:-1]]).tolist()
 
     def columns(self, index: int) -> slice:
-        return slice(self.offsets[index], self.offsets[index] + self.classes[index])
+        return logit_columns(dict(zip(self.names, self.classes, strict=True)))[self.names[index]]
 
     def task_of(self, labels: torch.Tensor) -> torch.Tensor:
         """The task index of each offset label."""

@@ -30,6 +30,12 @@ def connect() -> None:
                  runtime_env=retries)
 
 
+def join(cpus: float, what: str) -> None:
+    """Connect, and fail now, naming `what` (the params keys asking for them), if Ray can never give it `cpus`."""
+    connect()
+    require(cpus, what)
+
+
 def require(needed: float, what: str, resource: str = "CPU") -> None:
     """Fail before scheduling anything if the cluster can never give `what` the `resource` (CPU, GPU) it needs."""
     available = ray.cluster_resources().get(resource, 0)

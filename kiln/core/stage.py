@@ -21,8 +21,7 @@ def open_stage(params: Params, cpus: tuple[float, str] | None = None) -> str:
     tracking URI."""
     uri = use_experiment(params.tracking.experiment)
     if cpus is not None:
-        ray_cluster.connect()
-        ray_cluster.require(*cpus)
+        ray_cluster.join(*cpus)
     return uri
 
 

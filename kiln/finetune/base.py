@@ -24,6 +24,7 @@ class Base:
     run_id: str  # the registered version's run
     model: nn.Module
     saved: dict[str, Any]  # the saved model's spec and lineage (train run, tune run, hyperparameters)
+    datasets: tuple[str, ...] | None  # what it learnt from (its version's kiln.datasets tag); None: not recorded
 
     @property
     def tags(self) -> dict[str, str]:
@@ -34,7 +35,8 @@ class Base:
 
 def load_base(client: MlflowClient, name: str, version: str) -> Base:
     """Load version `version` of registered model `name`: its PyTorch weights (weights only, never pickled code)."""
-    run_id = client.get_model_version(name, version).run_id
+    registered = client.get_model_version(name, version)
+    run_id, datasets = registered.run_id, registered.tags.get("kiln.datasets")
     with tempfile.TemporaryDirectory(prefix="kiln-base-") as folder:
         try:
             path = client.download_artifacts(run_id, SOURCE_MODEL, folder)
@@ -46,4 +48,4 @@ def load_base(client: MlflowClient, name: str, version: str) -> Base:
     if task_heads(model):
         raise InputError(f"finetune.base: {name} v{version} is a multi-task model (heads: "
                          f"{', '.join(task_heads(model))}); fine-tuning takes a single-task base")
-    return Base(name, version, run_id, model, saved)
+    return Base(name, version, run_id, model, saved, tuple(datasets.split(",")) if datasets else None)

@@ -8,6 +8,8 @@ from typing import Any
 
 from kiln.core.plotting import plt, save_figure
 
+REPORTS = {"metrics": "metrics.json", "methods": "methods.json", "table": "methods.md", "curve": "methods.csv",
+           "plot": "methods.png", "registration": "registration.json"}  # the stage's report files, by role
 COLUMNS = ("method", "test_accuracy", "val_accuracy", "trainable_parameters", "trainable_fraction", "adapter_bytes",
            "wall_seconds")
 

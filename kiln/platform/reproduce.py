@@ -12,6 +12,8 @@ The policy, on the same CPU class (POLICY): prepare's data, train's per-epoch me
 accuracies and evaluate's metrics must be identical; timings (latency, images/s) are measured, not compared. Tune's
 best configuration (ASHA trials finish in another order when several run at once) and compress's deployable variant
 (chosen by measured latency) are reported as identical or not, and the recorded decision is what later stages use.
+The stages after the registration (UNCHECKED) are not re-run; a stage that neither covers is refused, named, before
+any data moves.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from kiln.core.errors import InputError
-from kiln.platform.contract import stages
+from kiln.platform.contract import DVC_FILE, stages
 from kiln.platform.shell import CommandError, run, stream
 from kiln.platform.workspace import recorded_stages
 
@@ -97,6 +99,10 @@ POLICY: dict[str, Rule] = {
     "evaluate": Rule(lambda ws: _without_timings(json.loads(_output(ws, "evaluate", "models.json"))), True,
                      "test metrics of both models"),
 }
+UNCHECKED: dict[str, str] = {  # stages deliberately not re-run, and why
+    "finetune_data": "the fine-tune's data, used only after the registration",
+    "finetune": "registers models of its own, after the registration",
+}
 
 
 def check(stage: str, new: Any, recorded: Any) -> StageCheck:
@@ -143,9 +149,20 @@ def _ref_commit(remote: str, ref: str) -> str | None:
     return found[0] if found else None
 
 
-def checkout(lineage: Lineage, workspace: Path) -> None:
-    """Clone the experiment's commit into `workspace` and get the recorded data and outputs of the stages POLICY
-    checks (a run that failed after them recorded none of the later ones)."""
+def planned_stages(root: Path) -> list[str]:
+    """The stages of `root`'s dvc.yaml that POLICY checks, in DAG order; InputError naming every stage that neither
+    POLICY nor UNCHECKED covers, so that a new stage is refused rather than silently skipped."""
+    declared = list(stages(root))
+    uncovered = [name for name in declared if name not in POLICY and name not in UNCHECKED]
+    if uncovered:
+        raise InputError(f"{root / DVC_FILE}: kiln.platform.reproduce.POLICY does not cover stage(s) "
+                         f"{', '.join(uncovered)}; add a Rule for each to POLICY (or to UNCHECKED, saying why it is "
+                         "not re-run)")
+    return [name for name in declared if name in POLICY]
+
+
+def clone(lineage: Lineage, workspace: Path) -> None:
+    """Clone the experiment's commit into `workspace`."""
     try:
         run(["git", "clone", "--quiet", "--no-checkout", lineage.remote, str(workspace)])
         run(["git", "fetch", "--quiet", "origin", f"{lineage.ref}:{lineage.ref}"], cwd=workspace)
@@ -153,6 +170,11 @@ def checkout(lineage: Lineage, workspace: Path) -> None:
     except CommandError as exc:
         raise InputError(f"v{lineage.version}'s experiment {lineage.ref} ({lineage.commit[:10]}) cannot be fetched "
                          f"from {lineage.remote}: {exc}") from None
+
+
+def get_data(lineage: Lineage, workspace: Path, last: str) -> None:
+    """Get the recorded data and outputs of the stages up to `last` (the last one POLICY checks: a run that failed
+    after them recorded none of the later ones) into the cloned `workspace`."""
     remote = None
     if (Path(lineage.remote) / ".dvc").is_dir():  # a checkout on this machine (`kiln run`, `kiln flow`): its cache
         run(["dvc", "cache", "dir", "--local", run(["dvc", "cache", "dir"], cwd=lineage.remote).strip()], cwd=workspace)
@@ -164,7 +186,7 @@ def checkout(lineage: Lineage, workspace: Path) -> None:
         raise InputError(f"{lineage.remote} is not a local checkout; set KILN_DVC_REMOTE to the DVC remote holding "
                          f"v{lineage.version}'s data")
     try:
-        run([*get, "--with-deps", list(POLICY)[-1]], cwd=workspace)  # what the checked stages had; no later stage's
+        run([*get, "--with-deps", last], cwd=workspace)  # what the checked stages had; no later stage's
     except CommandError as exc:
         raise InputError(f"v{lineage.version}'s recorded data is missing from the DVC "
                          f"{'remote ' + remote if remote else 'cache'}: {exc}") from None
@@ -182,11 +204,12 @@ def restore(workspace: Path, lineage: Lineage, stage: str) -> None:
 def reproduce(lineage: Lineage, workspace: Path, echo: Callable[[str], None]) -> list[StageCheck]:
     """Re-run each stage of the recorded experiment that POLICY checks in `workspace`, checking it, then restoring the
     recorded outputs for the next stage."""
-    checkout(lineage, workspace)
+    clone(lineage, workspace)
+    plan = planned_stages(workspace)  # before any data moves
+    get_data(lineage, workspace, plan[-1])
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{workspace / 'reproduce-mlflow.db'}"}
     checks = []
-    # the stages POLICY checks, up to the registration; fine-tuning after it registers models of its own
-    for stage in (name for name in stages(workspace) if name in POLICY):
+    for stage in plan:
         command = ["dvc", "repro", "--force", "--single-item", stage]
         code, _ = stream(command, echo, cwd=workspace, env=env)
         if code:

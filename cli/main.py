@@ -11,10 +11,11 @@ from typing import Annotated
 
 import typer
 
+from cli import cluster
 from kiln.core.errors import InputError
 from kiln.core.params import load_params
-from kiln.platform import shell
-from tasks import cluster, stages, summary
+from kiln.platform import shell, summary
+from tasks import stages
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 PIPELINE = "Pipeline"
@@ -100,8 +101,9 @@ def reproduce(
 def predict(
     input_path: Annotated[Path, typer.Argument(metavar="INPUT", help="An .npy array or a folder of PNG/JPEG images.")],
     output: Annotated[Path, typer.Option(help="The CSV to write.")] = Path("predictions.csv"),
-    model_uri: Annotated[str | None, typer.Option(help="A registered ONNX model [default: models:/NAME@champion, "
-                                                       "NAME from params' tracking.registered_model].")] = None,
+    model_uri: Annotated[str | None, typer.Option(help="A registered ONNX model or an .onnx file [default: "
+                                                       "models:/NAME@champion, NAME from params' "
+                                                       "tracking.registered_model].")] = None,
     task: Annotated[str | None, typer.Option(help="A multi-task model's task (dataset name) whose head predicts.")
                     ] = None,
     params: stages.ParamsFile = Path("params.yaml"),
