@@ -151,7 +151,7 @@ def test_a_stage_is_a_module_a_command_and_a_dvc_yaml_entry(copy: Copy) -> None:
     copy.set_yaml("dvc.yaml", "stages", "class_counts", value=COUNTS_CONTRACT)
     copy.insert_entry("kiln/platform/reproduce.py", "UNCHECKED", '"class_counts": "a toy stage no model depends on",')
     output = copy.repro("class_counts")
-    assert "Running stage 'class_counts'" in output and "Running stage 'prepare'" not in output
+    assert "Running stage 'class_counts'" in output
     counts = json.loads((copy.root / "reports/class_counts/counts.json").read_text())
     splits = json.loads((copy.root / "data/prepared/manifest.json").read_text())["splits"]
     assert counts == {split: figures["class_counts"] for split, figures in splits.items()}
